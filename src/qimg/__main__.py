@@ -1,0 +1,3 @@
+from qimg.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The block layer: drivers, the node graph, probing, options, block status."""

@@ -1,0 +1,127 @@
+"""The format driver interface.
+
+A driver opens over a protocol node (a ``File``) and knows one image format's
+layout; it knows nothing of the command line.  The generic layer
+(``qimg.block.image.Image``) owns the backing chain: a driver reports which
+ranges it does not allocate and the Image reads those from the backing node.
+
+Capabilities are declared as class attributes, never found by try/except: the
+commands print qemu-img's refusal when a capability is missing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qimg.block.options import OptionSpec
+from qimg.block.status import ALLOCATED, DATA, OFFSET_VALID, Extent
+from qimg.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from qimg.block.image import Image
+    from qimg.protocols.file import File
+
+
+class Driver:
+    #: the name ``-f``/``-O`` use and ``info`` prints as "file format"
+    format_name: ClassVar[str] = ""
+    #: ``-o`` options for create, in the order qemu-img lists them
+    create_opts: ClassVar[list[OptionSpec]] = []
+    #: what the format can do
+    supports_backing: ClassVar[bool] = False
+    supports_create: ClassVar[bool] = True
+    supports_write: ClassVar[bool] = True
+    supports_resize: ClassVar[bool] = False
+    supports_compression: ClassVar[bool] = False
+    supports_check: ClassVar[bool] = False
+    supports_snapshots: ClassVar[bool] = False
+    #: granularity of allocation reported by ``info`` as cluster-size, if any
+    cluster_size: int | None = None
+
+    def __init__(self, file: "File", read_only: bool) -> None:
+        self.file = file
+        self.read_only = read_only
+        #: the backing node, attached by Image after open (None: no backing)
+        self.backing: "Image | None" = None
+        #: virtual size in bytes
+        self.size = 0
+
+    # ---- probing and creation (class level) ----------------------------
+    @classmethod
+    def probe(cls, header: bytes, filename: str) -> int:
+        """Score 0..100 that ``header`` (the first 2 KiB or less) is ours."""
+        return 0
+
+    @classmethod
+    def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
+        """Create an image; ``options`` hold typed values from create_opts."""
+        raise UnsupportedError(f"Format driver '{cls.format_name}' does not support image creation")
+
+    @classmethod
+    def open(cls, file: "File", read_only: bool = True, options: dict[str, Any] | None = None) -> "Driver":
+        drv = cls(file, read_only)
+        drv.do_open(options or {})
+        return drv
+
+    def do_open(self, options: dict[str, Any]) -> None:
+        """Parse the on-disk metadata; raise QimgError for bad images."""
+
+    # ---- backing file fields -------------------------------------------
+    @property
+    def backing_filename(self) -> str | None:
+        """The backing file name as stored in the image (not resolved)."""
+        return None
+
+    @property
+    def backing_format(self) -> str | None:
+        return None
+
+    # ---- I/O -------------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> Extent:
+        """State of the run starting at ``offset``, at most ``length`` long.
+
+        Must return one extent, as long as possible (merging neighbours of
+        the same state), never crossing ``self.size``.  Ranges not ALLOCATED
+        read from the backing node.
+        """
+        return Extent(offset, length, DATA | ALLOCATED | OFFSET_VALID, offset, self.file.filename)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of this layer; unallocated ranges read as zeroes here (the
+        Image overlays the backing node on them)."""
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise UnsupportedError("Image is read-only")
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Make the range read as zeroes (a format may keep it sparse)."""
+        self.write(offset, bytes(length))
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        """Write one whole cluster compressed (``convert -c``)."""
+        raise UnsupportedError("Compression is not supported for this drive")
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop the range; it then reads from backing (or as zeroes)."""
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
+        raise UnsupportedError("Image format driver does not support resize")
+
+    def close(self) -> None:
+        """Write back caches and mark clean; the Image closes the file."""
+
+    # ---- description -----------------------------------------------------
+    def info_specific(self) -> dict[str, Any] | None:
+        """The "format-specific" part of ``info``, as qemu-img's JSON has it
+        ({"type": ..., "data": {...}}), or None."""
+        return None
+
+    def dirty_flag(self) -> bool:
+        return False
+
+    def check(self, repair: str | None = None) -> Any:
+        raise UnsupportedError("This image format does not support checks")

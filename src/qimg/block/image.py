@@ -1,0 +1,203 @@
+"""The node graph: an Image is a format driver over a file, plus its backing chain.
+
+The chain is generic: a read of a range the top driver does not allocate falls
+through to the backing Image, and a backing file shorter than its overlay reads
+as zeroes past its end.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+from qimg.block.driver import Driver
+from qimg.block.probe import PROBE_BYTES, probe_format
+from qimg.block.status import ALLOCATED, EOF, ZERO, Extent
+from qimg.errors import QimgError
+from qimg.formats import get_driver
+from qimg.protocols.file import File
+
+#: a chain deeper than this is taken for a loop, as QEMU's limit on nesting
+MAX_CHAIN_DEPTH = 64
+
+
+def resolve_backing(overlay: str, backing: str) -> str:
+    """A relative backing name is relative to the overlay's directory."""
+    if os.path.isabs(backing) or ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
+        return backing
+    return os.path.join(os.path.dirname(overlay), backing)
+
+
+class Image:
+    """An open image: ``driver`` over ``file``, with ``backing`` below it."""
+
+    def __init__(self, driver: Driver, filename: str, format_name: str, probed: bool = False) -> None:
+        self.driver = driver
+        self.filename = filename
+        self.format = format_name
+        self.probed = probed
+        self.backing: Image | None = None
+        self.read_only = driver.read_only
+
+    # ---- attributes ---------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    @property
+    def file(self) -> File:
+        return self.driver.file
+
+    def chain(self) -> Iterator["Image"]:
+        img: Image | None = self
+        while img is not None:
+            yield img
+            img = img.backing
+
+    # ---- block status -------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> Extent:
+        """This layer's status of the run at ``offset`` (see Driver)."""
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return Extent(offset, 0, EOF)
+        ext = self.driver.block_status(offset, length)
+        if not ext.allocated and self.backing is None:
+            # Nothing below: the range reads as zeroes.
+            ext = Extent(ext.offset, ext.length, ext.flags | ZERO, ext.host_offset, ext.file)
+        return ext
+
+    def chain_status(self, offset: int, length: int) -> tuple[Extent, int]:
+        """(extent, depth): the first layer from the top that defines the run.
+
+        A run no layer allocates has depth = the chain length - 1 and reads as
+        zeroes (ZERO set, ALLOCATED not set).
+        """
+        depth = 0
+        img: Image = self
+        while True:
+            ext = img.block_status(offset, length)
+            if ext.allocated or img.backing is None:
+                return ext, depth
+            length = ext.length
+            below = img.backing
+            if offset >= below.size:
+                # Past the end of a shorter backing file: zeroes, owned by none.
+                return Extent(offset, length, ZERO | (ext.flags & EOF)), depth
+            length = min(length, below.size - offset)
+            img = below
+            depth += 1
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """This layer's extents covering [offset, offset+length)."""
+        end = self.size if length is None else min(self.size, offset + length)
+        while offset < end:
+            ext = self.block_status(offset, end - offset)
+            if ext.length <= 0:
+                break
+            yield ext
+            offset += ext.length
+
+    # ---- I/O ----------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes; past the virtual size reads are cut short."""
+        length = max(0, min(length, self.size - offset))
+        if self.backing is None:
+            return self.driver.read(offset, length)
+        parts = []
+        end = offset + length
+        while offset < end:
+            ext = self.driver.block_status(offset, end - offset)
+            n = ext.length
+            if ext.allocated:
+                parts.append(bytes(n) if ext.zero and not ext.data else self.driver.read(offset, n))
+            else:
+                parts.append(self._read_backing(offset, n))
+            offset += n
+        return b"".join(parts)
+
+    def _read_backing(self, offset: int, length: int) -> bytes:
+        below = self.backing
+        assert below is not None
+        avail = max(0, min(length, below.size - offset))
+        data = below.read(offset, avail) if avail else b""
+        return data + bytes(length - avail) if avail < length else data
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_writable()
+        self.driver.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_writable()
+        self.driver.write_zeroes(offset, length, unmap)
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        self._check_writable()
+        self.driver.write_compressed(offset, data)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self.driver.discard(offset, length)
+
+    def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
+        self._check_writable()
+        self.driver.truncate(size, prealloc, shrink)
+
+    def flush(self) -> None:
+        if not self.read_only:
+            self.driver.flush()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise QimgError("Image is read-only")
+
+    def close(self) -> None:
+        for img in list(self.chain()):
+            try:
+                img.driver.close()
+            finally:
+                img.driver.file.close()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_image(
+    filename: str,
+    fmt: str | None = None,
+    read_only: bool = True,
+    backing: bool = True,
+    options: dict[str, Any] | None = None,
+    _depth: int = 0,
+) -> Image:
+    """Open ``filename`` as ``fmt`` (probed when None), with its backing chain.
+
+    ``backing=False`` opens the top image alone (qemu's BDRV_O_NO_BACKING).
+    """
+    file = File(filename, read_only=read_only)
+    try:
+        probed = fmt is None
+        if fmt is None:
+            fmt = probe_format(file.pread(0, PROBE_BYTES), filename)
+        drv_cls = get_driver(fmt)
+        if not read_only and not drv_cls.supports_write:
+            raise QimgError(f"Could not open '{filename}': Driver '{fmt}' does not support write access")
+        driver = drv_cls.open(file, read_only=read_only, options=options)
+    except BaseException:
+        file.close()
+        raise
+    img = Image(driver, filename, fmt, probed=probed)
+    if backing and driver.backing_filename:
+        if _depth >= MAX_CHAIN_DEPTH:
+            img.close()
+            raise QimgError(f"Could not open '{filename}': Backing chain too deep (possible loop)")
+        path = resolve_backing(filename, driver.backing_filename)
+        try:
+            img.backing = open_image(path, driver.backing_format, read_only=True, _depth=_depth + 1)
+        except QimgError as e:
+            img.close()
+            raise QimgError(f"Could not open backing file: {e.message}", e.code) from None
+        driver.backing = img.backing
+    return img

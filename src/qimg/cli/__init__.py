@@ -1,0 +1,1 @@
+"""The command line: qemu-img's grammar over the qimg API."""

@@ -1,0 +1,1 @@
+"""Protocol nodes: where an image's bytes live."""

@@ -1,0 +1,189 @@
+"""The file protocol: a local file or block device, with sparse-file support.
+
+Holes are found with SEEK_DATA/SEEK_HOLE, zeroes are written by punching
+holes, and preallocation uses posix_fallocate or explicit zero writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from qimg.errors import QimgError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_CHUNK = 1 << 20
+
+
+def _fallocate_fn():
+    """libc's fallocate(2), loaded only when a hole is punched."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class File:
+    """A protocol node over one host file."""
+
+    _fallocate = None
+
+    def __init__(self, filename: str, read_only: bool = True, create: bool = False) -> None:
+        self.filename = filename
+        self.read_only = read_only
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd = os.open(filename, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise QimgError(f"Could not open '{filename}': {e.strerror}") from None
+        st = os.fstat(self.fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self._can_punch = True
+
+    # ---- size -------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        if self.is_block_device:
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return os.fstat(self.fd).st_size
+
+    def allocated_size(self) -> int:
+        """Bytes the host really uses (``info``'s "disk size")."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    # ---- I/O ----------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes; past the end of file reads as zeroes."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # A short read in the middle (rare, but allowed) is continued.
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(self.fd, length - got, offset + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+            if got < length:
+                data += bytes(length - got)
+        return data
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        n = os.preadv(self.fd, [buf], offset)
+        total = n
+        while 0 < n and total < len(buf):
+            n = os.preadv(self.fd, [buf[total:]], offset + total)
+            total += n
+        if total < len(buf):
+            buf[total:] = bytes(len(buf) - total)
+        return len(buf)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            offset += n
+            view = view[n:]
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero a range: punch a hole if the host allows, else write zeroes."""
+        if length <= 0:
+            return
+        end = offset + length
+        size = self.size
+        if offset >= size:
+            # Past EOF the file already reads as zeroes once it is extended.
+            self.truncate(end)
+            return
+        if self._can_punch and self.punch_hole(offset, min(end, size) - offset):
+            if end > size:
+                self.truncate(end)
+            return
+        pos = offset
+        zero = bytes(min(_ZERO_CHUNK, length))
+        while pos < end:
+            n = min(len(zero), end - pos)
+            self.pwrite(pos, zero[:n] if n < len(zero) else zero)
+            pos += n
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        if self.is_block_device:
+            return False
+        if File._fallocate is None:
+            File._fallocate = _fallocate_fn()
+        import ctypes
+
+        r = File._fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        if r != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._can_punch = False
+                return False
+            raise OSError(err, os.strerror(err))
+        return True
+
+    def truncate(self, size: int, prealloc: str = "off") -> None:
+        """Set the file length; grow with ``prealloc`` off, falloc or full."""
+        old = self.size
+        if prealloc == "off" or size <= old:
+            os.ftruncate(self.fd, size)
+            return
+        if prealloc == "falloc":
+            os.posix_fallocate(self.fd, old, size - old)
+            return
+        if prealloc == "full":
+            os.ftruncate(self.fd, old)
+            pos = old
+            zero = bytes(_ZERO_CHUNK)
+            while pos < size:
+                n = min(_ZERO_CHUNK, size - pos)
+                self.pwrite(pos, zero if n == _ZERO_CHUNK else zero[:n])
+                pos += n
+            return
+        raise QimgError(f"Unsupported preallocation mode '{prealloc}'")
+
+    def flush(self) -> None:
+        if not self.read_only:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # ---- allocation ---------------------------------------------------------
+    def data_extent(self, offset: int, length: int) -> tuple[bool, int]:
+        """(is_data, run_length) for the run at ``offset`` within ``length``.
+
+        Uses SEEK_DATA/SEEK_HOLE; where the host cannot tell, all is data.
+        """
+        end = offset + length
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole up to EOF
+                return False, length
+            return True, length
+        if data > offset:
+            return False, min(data, end) - offset
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            return True, length
+        return True, max(1, min(hole, end) - offset)
+
+    def __enter__(self) -> "File":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
