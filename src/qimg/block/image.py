@@ -22,8 +22,10 @@ MAX_CHAIN_DEPTH = 64
 
 
 def resolve_backing(overlay: str, backing: str) -> str:
-    """A relative backing name is relative to the overlay's directory."""
-    if os.path.isabs(backing) or ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
+    """A relative backing name is relative to the overlay's directory; an
+    absolute one, or one with a protocol prefix ("nbd:", "json:"), is kept."""
+    has_protocol = ":" in backing.split("/", 1)[0]
+    if os.path.isabs(backing) or has_protocol:
         return backing
     return os.path.join(os.path.dirname(overlay), backing)
 
