@@ -66,6 +66,12 @@ class Driver:
     def do_open(self, options: dict[str, Any]) -> None:
         """Parse the on-disk metadata; raise QimgError for bad images."""
 
+    @property
+    def data_node(self) -> "File":
+        """The file that host offsets in extents refer to (qcow2's external
+        data file overrides this)."""
+        return self.file
+
     # ---- backing file fields -------------------------------------------
     @property
     def backing_filename(self) -> str | None:

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from qimg.block.driver import Driver
 from qimg.block.probe import PROBE_BYTES, probe_format
-from qimg.block.status import ALLOCATED, EOF, ZERO, Extent
+from qimg.block.status import ALLOCATED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
 from qimg.errors import QimgError
 from qimg.formats import get_driver
 from qimg.protocols.file import File
@@ -63,10 +63,28 @@ class Image:
         if length <= 0:
             return Extent(offset, 0, EOF)
         ext = self.driver.block_status(offset, length)
+        if ext.flags & RECURSE and ext.flags & (DATA | OFFSET_VALID | ZERO) == DATA | OFFSET_VALID:
+            ext = self._refine_from_file(ext)
         if not ext.allocated and self.backing is None:
             # Nothing below: the range reads as zeroes.
             ext = Extent(ext.offset, ext.length, ext.flags | ZERO, ext.host_offset, ext.file)
         return ext
+
+    def _refine_from_file(self, ext: Extent) -> Extent:
+        """A data extent whose host range is a hole in the file reads as
+        zeroes: report ZERO there, as bdrv_co_block_status does with
+        want_zero, and cut the extent where the file's state changes."""
+        node = self.driver.data_node
+        assert ext.host_offset is not None
+        flags = ext.flags & ~RECURSE
+        if ext.host_offset >= node.size:
+            return Extent(ext.offset, ext.length, flags | ZERO, ext.host_offset, ext.file)
+        is_data, run = node.data_extent(ext.host_offset, ext.length)
+        if not is_data:
+            flags |= ZERO
+        if run < ext.length:
+            flags &= ~EOF
+        return Extent(ext.offset, min(run, ext.length), flags, ext.host_offset, ext.file)
 
     def chain_status(self, offset: int, length: int) -> tuple[Extent, int]:
         """(extent, depth): the first layer from the top that defines the run.

@@ -16,6 +16,7 @@ OFFSET_VALID = 0x04  # host_offset is meaningful (in ``file``)
 ALLOCATED = 0x10     # the content is defined by this layer, not its backing
 EOF = 0x20           # the extent reaches the end of the image
 COMPRESSED = 0x40    # the data is stored compressed (no straight host mapping)
+RECURSE = 0x80       # ask the data file whether the host range is a hole (QEMU's BDRV_BLOCK_RECURSE)
 
 
 @dataclass(frozen=True, slots=True)

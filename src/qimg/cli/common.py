@@ -1,0 +1,116 @@
+"""What every command shares: opening images the qemu-img way, cache modes,
+``--object``, ``--image-opts``, the raw-probe warning.
+
+Commands call ``open_image`` here rather than the block layer's so that every
+open failure reads ``Could not open 'NAME': REASON`` as in qemu-img's
+img_open(), whatever layer the reason came from.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from qimg.block.image import Image
+from qimg.block.image import open_image as _open_image
+from qimg.block.options import split_options
+from qimg.errors import QimgError
+
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe", "off")
+
+_RAW_PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, "
+    "write operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+)
+
+#: secrets given with --object secret,id=ID,data=...|file=...; LUKS reads them
+SECRETS: dict[str, bytes] = {}
+
+
+def check_cache(mode: str, source: bool = False) -> str:
+    if mode not in CACHE_MODES:
+        raise QimgError(f"Invalid {'source ' if source else ''}cache option: {mode}")
+    return mode
+
+
+def add_object(text: str) -> None:
+    """``--object``: only ``secret`` objects mean anything to qemu-img."""
+    if text == "help":
+        sys.stdout.write("List of user creatable objects:\n  secret\n")
+        raise SystemExit(0)
+    props = dict((k, v if v is not None else "") for k, v in split_options(text))
+    qom_type = text.split(",", 1)[0]
+    if "=" in qom_type:
+        qom_type = props.pop("qom-type", "")
+    else:
+        props.pop(qom_type, None)
+    if qom_type != "secret":
+        if qom_type in ("secret_keyring", "tls-creds-psk", "tls-creds-x509", "tls-creds-anon", "tls-cipher-suites"):
+            raise QimgError(f"Object type '{qom_type}' is not supported")
+        raise QimgError(f"invalid object type: {qom_type}")
+    if "id" not in props:
+        raise QimgError("Parameter 'id' is missing")
+    if "data" in props and "file" in props:
+        raise QimgError("'data' and 'file' are mutually exclusive")
+    if "data" in props:
+        value = props["data"].encode()
+    elif "file" in props:
+        try:
+            with open(props["file"], "rb") as f:
+                value = f.read()
+        except OSError as e:
+            raise QimgError(f"Unable to read {props['file']}: {e.strerror}") from None
+    else:
+        raise QimgError("Either 'file' or 'data' must be provided")
+    if props.get("format", "raw") == "base64":
+        import base64
+        import binascii
+
+        try:
+            value = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise QimgError("Invalid base64 data") from None
+    SECRETS[props["id"]] = value
+
+
+def image_opts(text: str) -> tuple[str, str | None, dict[str, Any]]:
+    """``--image-opts`` names an image as ``driver=qcow2,file.filename=x``.
+
+    Returns (filename, format, remaining options).
+    """
+    opts = dict((k, v if v is not None else "on") for k, v in split_options(text))
+    filename = opts.pop("file.filename", None) or opts.pop("filename", None)
+    fmt = opts.pop("driver", None)
+    opts.pop("file.driver", None)
+    if filename is None:
+        raise QimgError("The 'file' block driver requires a file name")
+    return filename, fmt, opts
+
+
+def open_image(
+    name: str,
+    fmt: str | None = None,
+    *,
+    read_only: bool = True,
+    backing: bool = True,
+    force_share: bool = False,
+    use_image_opts: bool = False,
+) -> Image:
+    """Open an image for a command, with qemu-img's messages."""
+    options: dict[str, Any] = {}
+    filename = name
+    if use_image_opts:
+        if fmt:
+            raise QimgError("--image-opts and --format are mutually exclusive")
+        filename, fmt, options = image_opts(name)
+    if force_share and not read_only:
+        raise QimgError("force-share=on can only be used with read-only images")
+    try:
+        img = _open_image(filename, fmt, read_only=read_only, backing=backing, options=options or None)
+    except QimgError as e:
+        raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
+    if img.probed and img.format == "raw" and not read_only:
+        sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))
+    return img
