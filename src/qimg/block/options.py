@@ -21,6 +21,19 @@ class OptionSpec:
     type: str
     help: str
     default: Any = None  # None: not set unless given
+    #: the text qemu's ``def_value_str`` holds: shown in create's "Formatting
+    #: ..." line when the option is not given (None: derived from ``default``)
+    def_value_str: str | None = None
+
+    def default_text(self) -> str | None:
+        """The default as the "Formatting" line prints it, or None."""
+        if self.def_value_str is not None:
+            return self.def_value_str
+        if self.default is None:
+            return None
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
+        return str(self.default)
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:
@@ -99,9 +112,9 @@ def parse_options(text: str, schema: list[OptionSpec]) -> dict[str, Any]:
     return result
 
 
-def format_help(schema: list[OptionSpec]) -> str:
+def format_help(schema: list[OptionSpec], title: str = "Supported options:") -> str:
     """``-o help`` text, as qemu_opts_print_help prints it (sorted by name)."""
-    lines = ["Supported options:"]
+    lines = [title]
     for spec in sorted(schema, key=lambda s: s.name):
         left = f"  {spec.name}=<{spec.type}>"
         lines.append(f"{left:<24} - {spec.help}" if len(left) < 24 else f"{left} - {spec.help}")
