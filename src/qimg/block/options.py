@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from qimg.errors import QimgError
-from qimg.units import parse_size
+from qimg.units import SizeRangeError, parse_size
 
 # Option types, spelled as qemu-img's ``-o help`` spells them.
 STRING = "str"
@@ -75,6 +76,24 @@ def parse_bool(name: str, value: str) -> bool:
     raise QimgError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
+def parse_u64(text: str) -> int | None:
+    """qemu_strtou64(text, NULL, 0): C prefixes (0x hex, 0 octal), a '-'
+    wraps modulo 2^64 as strtoull does; None when invalid or out of range."""
+    m = re.fullmatch(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    if not m:
+        return None
+    digits = m.group(2)
+    if digits[:2].lower() == "0x":
+        n = int(digits, 16)
+    elif digits.startswith("0"):
+        n = int(digits, 8)
+    else:
+        n = int(digits)
+    if n >= 1 << 64:
+        return None
+    return (-n) % (1 << 64) if m.group(1) == "-" else n
+
+
 def coerce(spec: OptionSpec, value: str) -> Any:
     """Turn one ``-o`` value into its typed form, with qemu's error texts."""
     if spec.type == BOOL:
@@ -82,6 +101,8 @@ def coerce(spec: OptionSpec, value: str) -> Any:
     if spec.type == SIZE:
         try:
             return parse_size(value)
+        except SizeRangeError:
+            raise QimgError(f"Value '{value}' is out of range for parameter '{spec.name}'") from None
         except ValueError:
             raise QimgError(
                 f"Parameter '{spec.name}' expects a non-negative number below 2^64\n"
@@ -89,10 +110,10 @@ def coerce(spec: OptionSpec, value: str) -> Any:
                 "and exabytes, respectively."
             ) from None
     if spec.type == NUMBER:
-        try:
-            return int(value, 0)
-        except ValueError:
-            raise QimgError(f"Parameter '{spec.name}' expects a number") from None
+        number = parse_u64(value)
+        if number is None:
+            raise QimgError(f"Parameter '{spec.name}' expects a number")
+        return number
     return value
 
 
