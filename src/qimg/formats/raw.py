@@ -30,7 +30,11 @@ class RawDriver(Driver):
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
         prealloc = options.get("preallocation") or "off"
         if prealloc not in PREALLOC_MODES:
-            raise QimgError(f"Invalid parameter '{prealloc}'")
+            if prealloc == "metadata":
+                raise QimgError(f"Unsupported preallocation mode: {prealloc}")
+            raise QimgError(f"invalid parameter value: {prealloc}")
+        # file-posix creates whole sectors
+        size = (size + 511) // 512 * 512
         with File(filename, read_only=False, create=True) as f:
             f.truncate(size, prealloc)
 
