@@ -45,6 +45,10 @@ class File:
         except OSError as e:
             raise QimgError(f"Could not open '{filename}': {e.strerror}") from None
         st = os.fstat(self.fd)
+        if stat.S_ISDIR(st.st_mode):
+            # a directory opens read-only, but is no image (file-posix)
+            os.close(self.fd)
+            raise QimgError(f"'file' driver requires '{filename}' to be a regular file")
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._can_punch = True
 
