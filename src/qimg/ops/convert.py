@@ -1,0 +1,212 @@
+"""``qemu-img convert``: copy one or more images (concatenated) into a new
+or existing target, as img_convert does; the copying is the shared engine's
+(qimg.ops.copy)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from qimg.block.image import Image, open_image
+from qimg.block.options import coerce
+from qimg.block.status import ZERO
+from qimg.errors import QimgError
+from qimg.ops.copy import BUF_SECTORS, MAX_BUF_SECTORS, SECTOR, CopyJob, run
+
+#: opens an image for the command: (name, fmt, read_only=, force_share=, ...)
+Opener = Callable[..., Image]
+
+SPARSE_SIZE_ERROR = (
+    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. "
+    "Select 0 to disable sparse detection (fully allocates output)."
+)
+
+
+def check_sparse_size(sparse_size: int) -> int:
+    """-S in bytes to sectors, with qemu-img's refusal."""
+    if sparse_size % SECTOR or sparse_size // SECTOR > MAX_BUF_SECTORS:
+        raise QimgError(SPARSE_SIZE_ERROR)
+    return sparse_size // SECTOR
+
+
+def _default_open(name: str, fmt: str | None = None, *, read_only: bool = True, **_: Any) -> Image:
+    try:
+        return open_image(name, fmt, read_only=read_only)
+    except QimgError as e:
+        raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
+
+
+def _create_values(out_format: str, options: str | dict[str, Any] | None, size: int,
+                   backing_file: str | None, backing_format: str | None) -> tuple[Any, dict[str, Any]]:
+    """The target's driver and its typed create options (qemu's opts)."""
+    from qimg.formats import get_driver
+    from qimg.ops.create import create_schema, split_opts
+
+    try:
+        drv = get_driver(out_format)
+    except QimgError:
+        raise QimgError(f"Unknown file format '{out_format}'") from None
+    if not drv.supports_create or not drv.create_opts:
+        raise QimgError(f"Format driver '{out_format}' does not support image creation")
+    schema = {s.name: s for s in create_schema(drv)}
+    values: dict[str, Any] = {}
+    if isinstance(options, dict):
+        values.update(options)
+    elif options:
+        for name, text in split_opts(options):
+            spec = schema.get(name)
+            if spec is None:
+                raise QimgError(f"Invalid parameter '{name}'")
+            values[name] = coerce(spec, text)
+    values["size"] = size
+    if backing_file is not None:
+        if "backing_file" not in schema:
+            raise QimgError(f"Backing file not supported for file format '{out_format}'")
+        values["backing_file"] = backing_file
+    if backing_format is not None:
+        if "backing_fmt" not in schema:
+            raise QimgError(f"Backing file format not supported for file format '{out_format}'")
+        values["backing_fmt"] = backing_format
+    return drv, values
+
+
+def _load_snapshot(sources: list[Image], snapshot: str | None) -> None:
+    if snapshot is None:
+        return
+    if len(sources) > 1:
+        raise QimgError("No support for concatenating multiple snapshot")
+    img = sources[0]
+    if not img.driver.supports_snapshots:
+        raise QimgError(
+            f"Failed to load snapshot: Block format '{img.format}' used by device '' "
+            "does not support temporarily loading internal snapshots"
+        )
+    loader = getattr(img.driver, "load_snapshot_tmp", None)
+    if loader is None:
+        raise QimgError("Failed to load snapshot: Can't find snapshot")
+    loader(snapshot)
+
+
+def _make_zero(target: Image) -> None:
+    """blk_make_zero: make an existing target read as zeroes, cheaply."""
+    for ext in list(target.extents()):
+        if not ext.flags & ZERO:
+            target.write_zeroes(ext.offset, ext.length, unmap=True)
+
+
+def convert(
+    sources: list[str],
+    target: str,
+    *,
+    src_format: str | None = None,
+    out_format: str = "raw",
+    options: str | dict[str, Any] | None = None,
+    compressed: bool = False,
+    sparse_size: int = 4096,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    skip_create: bool = False,
+    progress: Callable[[float], None] | None = None,
+    snapshot: str | None = None,
+    target_is_zero: bool = False,
+    bitmaps: bool = False,
+    force_share: bool = False,
+    opener: Opener | None = None,
+    target_opener: Opener | None = None,
+) -> None:
+    """Convert ``sources`` (concatenated) into ``target``.
+
+    ``options`` are the target's create options (``-o`` text or a dict),
+    ``sparse_size`` is ``-S`` in bytes (0: write every byte), ``backing_file``
+    makes the target an overlay that receives only the sources' top layer,
+    ``skip_create`` (``-n``) writes into an existing target.  ``progress`` is
+    called with the percentage done.  ``opener``/``target_opener`` open the
+    sources/target (the command line passes its own for qemu-img's
+    messages and --image-opts).  Raises QimgError with qemu-img's message.
+    """
+    if not sources:
+        raise QimgError("Must specify image file name")
+    min_sparse = check_sparse_size(sparse_size)
+    if target_is_zero and not skip_create:
+        raise QimgError("--target-is-zero requires use of -n flag")
+    opener = opener or _default_open
+    target_opener = target_opener or opener
+    srcs: list[Image] = []
+    tgt: Image | None = None
+    try:
+        for name in sources:
+            srcs.append(opener(name, src_format, read_only=True, force_share=force_share))
+        _load_snapshot(srcs, snapshot)
+        total_sectors = sum(-(-img.size // SECTOR) for img in srcs)
+
+        drv = None
+        values: dict[str, Any] = {}
+        if not skip_create:
+            drv, values = _create_values(out_format, options, total_sectors * SECTOR, backing_file, backing_format)
+            backing_file = values.get("backing_file")
+        target_has_backing = backing_file is not None
+        if target_is_zero and target_has_backing:
+            raise QimgError("Cannot use --target-is-zero when the destination image has a backing file")
+        if len(srcs) > 1 and target_has_backing:
+            raise QimgError(
+                "Having a backing file for the target makes no sense when concatenating multiple input images"
+            )
+        if target_has_backing and not values.get("backing_fmt"):
+            raise QimgError("Use of backing file requires explicit backing format")
+        if compressed and drv is not None:
+            if not drv.supports_compression:
+                raise QimgError("Compression not supported for this file format")
+            if values.get("encryption") or values.get("encrypt.format"):
+                raise QimgError("Compression and encryption not supported at the same time")
+            if values.get("preallocation", "off") != "off":
+                raise QimgError("Compression and preallocation not supported at the same time")
+        if bitmaps:
+            if len(srcs) > 1:
+                raise QimgError("Copying bitmaps only possible with single source")
+            if not getattr(srcs[0].driver, "supports_bitmaps", False):
+                raise QimgError("Source lacks bitmap support")
+
+        if drv is not None:
+            size = values.pop("size")
+            try:
+                drv.create(target, size, values)
+            except QimgError as e:
+                raise QimgError(f"{target}: error while converting {out_format}: {e.message}") from None
+            except OSError as e:
+                raise QimgError(
+                    f"{target}: error while converting {out_format}: Could not create '{target}': {e.strerror}"
+                ) from None
+        tgt = target_opener(target, out_format, read_only=False)
+        if bitmaps and not getattr(tgt.driver, "supports_bitmaps", False):
+            raise QimgError(f"Format driver '{tgt.format}' does not support bitmaps")
+        if compressed and not tgt.driver.supports_compression:
+            raise QimgError("Compression not supported for this file format")
+        if skip_create and tgt.size < total_sectors * SECTOR:
+            raise QimgError("output file is smaller than input file")
+
+        job = CopyJob(srcs, tgt, min_sparse=min_sparse, compressed=compressed, progress=progress)
+        job.target_has_backing = target_has_backing
+        if target_has_backing and not skip_create and tgt.backing is not None:
+            job.target_backing_sectors = -(-tgt.backing.size // SECTOR)
+        job.cluster_sectors = (tgt.driver.cluster_size or 0) // SECTOR
+        if compressed:
+            if job.cluster_sectors <= 0 or job.cluster_sectors > BUF_SECTORS:
+                raise QimgError("invalid cluster size")
+            job.buf_sectors = job.cluster_sectors
+        if target_is_zero:
+            job.has_zero_init = True
+        elif min_sparse and not target_has_backing:
+            if skip_create:
+                _make_zero(tgt)
+            job.has_zero_init = True
+        run(job)
+        tgt.flush()
+    except OSError as e:
+        raise QimgError(f"error while writing at byte 0: {e.strerror or e}") from None
+    finally:
+        if tgt is not None:
+            tgt.close()
+        for img in srcs:
+            img.close()
+
+
+__all__ = ["convert", "check_sparse_size", "SPARSE_SIZE_ERROR"]
