@@ -1,0 +1,1 @@
+"""The commands' logic, format-neutral: one module per qemu-img command."""
