@@ -24,7 +24,8 @@ class RawDriver(Driver):
     supports_resize = True
 
     def do_open(self, options: dict[str, Any]) -> None:
-        self.size = self.file.size
+        # block layer lengths are whole sectors: the tail reads as zeroes
+        self.size = (self.file.size + 511) // 512 * 512
 
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
