@@ -4,11 +4,11 @@ or existing target, as img_convert does; the copying is the shared engine's
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from qimg.block.image import Image, open_image
 from qimg.block.options import coerce
-from qimg.block.status import ZERO
 from qimg.errors import QimgError
 from qimg.ops.copy import BUF_SECTORS, MAX_BUF_SECTORS, SECTOR, CopyJob, run
 
@@ -86,11 +86,13 @@ def _load_snapshot(sources: list[Image], snapshot: str | None) -> None:
     loader(snapshot)
 
 
-def _make_zero(target: Image) -> None:
-    """blk_make_zero: make an existing target read as zeroes, cheaply."""
-    for ext in list(target.extents()):
-        if not ext.flags & ZERO:
-            target.write_zeroes(ext.offset, ext.length, unmap=True)
+def _precreate(filename: str) -> None:
+    """The file protocol's part of creation: the file must be creatable."""
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise QimgError(f"Could not create '{filename}': {e.strerror}") from None
+    os.close(fd)
 
 
 def convert(
@@ -168,6 +170,7 @@ def convert(
         if drv is not None:
             size = values.pop("size")
             try:
+                _precreate(target)
                 drv.create(target, size, values)
             except QimgError as e:
                 raise QimgError(f"{target}: error while converting {out_format}: {e.message}") from None
@@ -194,9 +197,10 @@ def convert(
             job.buf_sectors = job.cluster_sectors
         if target_is_zero:
             job.has_zero_init = True
-        elif min_sparse and not target_has_backing:
-            if skip_create:
-                _make_zero(tgt)
+        elif min_sparse and not target_has_backing and not skip_create:
+            # a new image reads as zeroes; an existing one (-n) gets its
+            # zero runs written explicitly, leaving what lies past the
+            # sources' end untouched as qemu-img does
             job.has_zero_init = True
         run(job)
         tgt.flush()

@@ -1,0 +1,156 @@
+"""convert against the real qemu-img: same messages and exit codes, same
+content, same sparseness and the same qcow2 layout."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg, same
+
+
+def _raw(path, size: str, *cmds: str) -> str:
+    assert run_qemu("create", "-f", "raw", str(path), size).returncode == 0
+    if cmds:
+        args = []
+        for c in cmds:
+            args += ["-c", c]
+        run_qemu_io("-f", "raw", *args, str(path))
+    return str(path)
+
+
+def _qcow2(path, size: str, *cmds: str, extra: tuple[str, ...] = ()) -> str:
+    assert run_qemu("create", "-f", "qcow2", *extra, str(path), size).returncode == 0
+    if cmds:
+        args = []
+        for c in cmds:
+            args += ["-c", c]
+        run_qemu_io("-f", "qcow2", *args, str(path))
+    return str(path)
+
+
+def _map(path: str, fmt: str) -> list:
+    p = run_qemu("map", "--output=json", "-f", fmt, path)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def _identical(a: str, b: str, fmt_a: str, fmt_b: str) -> None:
+    p = run_qemu("compare", "-f", fmt_a, "-F", fmt_b, a, b)
+    assert p.stdout == b"Images are identical.\n", p.stdout + p.stderr
+    assert p.returncode == 0
+
+
+def _both(tmp_path, args: list[str], src_fmt: str, out_fmt: str, sources: list[str]) -> tuple[str, str]:
+    """Convert with both programs into mine.* and theirs.*; same output."""
+    mine, theirs = str(tmp_path / f"mine.{out_fmt}"), str(tmp_path / f"theirs.{out_fmt}")
+    a = run_qimg("convert", "-f", src_fmt, "-O", out_fmt, *args, *sources, mine)
+    b = run_qemu("convert", "-f", src_fmt, "-O", out_fmt, *args, *sources, theirs)
+    assert (a.stdout, a.stderr, a.returncode) == (b.stdout, b.stderr, b.returncode)
+    assert a.returncode == 0
+    return mine, theirs
+
+
+PATTERNED = (
+    "write -P 0x11 0 64k",
+    "write -P 0x22 1M 4k",
+    "write -P 0 1032k 4k",
+    "write -P 0x33 2M 1k",
+    "write -P 0x44 3000k 12k",
+)
+
+
+@needs_qemu
+def test_raw_to_raw_sparse_like_qemu(tmp_path) -> None:
+    src = _raw(tmp_path / "src.raw", "4M", *PATTERNED)
+    mine, theirs = _both(tmp_path, ["-p"], "raw", "raw", [src])
+    _identical(src, mine, "raw", "raw")
+    assert _map(mine, "raw") == _map(theirs, "raw")
+    assert os.stat(mine).st_blocks == os.stat(theirs).st_blocks
+    assert os.path.getsize(mine) == os.path.getsize(theirs)
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [["-S", "0"], ["-S", "64k"], ["-S", "12k"], ["-q"]])
+def test_raw_to_raw_sparse_sizes(tmp_path, args) -> None:
+    src = _raw(tmp_path / "src.raw", "4M", *PATTERNED, "write -P 0x55 3M 512", "write -P 0x66 3162112 512")
+    mine, theirs = _both(tmp_path, ["-p", *args], "raw", "raw", [src])
+    _identical(src, mine, "raw", "raw")
+    assert _map(mine, "raw") == _map(theirs, "raw")
+
+
+@needs_qemu
+def test_odd_size_and_several_sources(tmp_path) -> None:
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(os.urandom(1000) + bytes(3000) + b"x" * 77)
+    second = _raw(tmp_path / "two.raw", "1M", "write -P 0x7 512k 3k")
+    mine, theirs = _both(tmp_path, ["-p"], "raw", "raw", [str(odd), second, str(odd)])
+    with open(mine, "rb") as f, open(theirs, "rb") as g:
+        assert f.read() == g.read()
+    assert _map(mine, "raw") == _map(theirs, "raw")
+
+
+@needs_qemu
+def test_skip_create_into_existing_raw(tmp_path) -> None:
+    src = _raw(tmp_path / "src.raw", "2M", "write -P 0x1 0 8k", "write -P 0x2 1M 4k")
+    outs = []
+    for name, runner in (("mine.raw", run_qimg), ("theirs.raw", run_qemu)):
+        out = _raw(tmp_path / name, "3M", "write -P 0xee 0 3M")
+        p = runner("convert", "-n", "-f", "raw", "-O", "raw", src, out)
+        assert p.returncode == 0 and p.stdout == b"" and p.stderr == b""
+        outs.append(out)
+    with open(outs[0], "rb") as f, open(outs[1], "rb") as g:
+        assert f.read() == g.read()
+    assert _map(outs[0], "raw") == _map(outs[1], "raw")
+
+
+ERRORS = [
+    ["convert"],
+    ["convert", "SRC"],
+    ["convert", "nope.raw", "OUT"],
+    ["convert", "-O", "foo", "SRC", "OUT"],
+    ["convert", "-c", "SRC", "OUT"],
+    ["convert", "-S", "1000", "SRC", "OUT"],
+    ["convert", "-S", "3x", "SRC", "OUT"],
+    ["convert", "-S", "64M", "SRC", "OUT"],
+    ["convert", "-m", "0", "SRC", "OUT"],
+    ["convert", "-r", "1x", "SRC", "OUT"],
+    ["convert", "-t", "foo", "SRC", "OUT"],
+    ["convert", "-T", "foo", "SRC", "OUT"],
+    ["convert", "-B", "SRC", "SRC", "OUT"],
+    ["convert", "-O", "qcow2", "-B", "SRC", "SRC", "SRC", "OUT"],
+    ["convert", "-l", "foo", "SRC", "OUT"],
+    ["convert", "-l", "foo", "SRC", "SRC", "OUT"],
+    ["convert", "-n", "-o", "size=1M", "SRC", "OUT"],
+    ["convert", "-n", "SRC", "SMALL"],
+    ["convert", "--target-is-zero", "SRC", "OUT"],
+    ["convert", "--target-image-opts", "SRC", "OUT"],
+    ["convert", "-C", "-c", "SRC", "OUT"],
+    ["convert", "-C", "-S", "4k", "SRC", "OUT"],
+    ["convert", "--bitmaps", "SRC", "SRC", "OUT"],
+    ["convert", "--bitmaps", "SRC", "OUT"],
+    ["convert", "-o", ",foo", "SRC", "OUT"],
+    ["convert", "-o", "foo=1", "SRC", "OUT"],
+    ["convert", "-f", "qcow2", "SRC", "OUT"],
+    ["convert", "SRC", "nodir/OUT"],
+    ["convert", "-p", "nope.raw", "OUT"],
+    ["convert", "-x", "SRC", "OUT"],
+    ["convert", "-O", "raw", "-o", "help"],
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("argv", ERRORS, ids=[" ".join(a[1:]) or "none" for a in ERRORS])
+def test_error_messages(tmp_path, argv) -> None:
+    _raw(tmp_path / "SRC", "1M", "write -P 1 0 4k")
+    _raw(tmp_path / "SMALL", "4k")
+    assert_same(argv, str(tmp_path))
+    assert not os.path.exists(tmp_path / "OUT") or argv[1] in ("-t",)
+
+
+@needs_qemu
+def test_progress_on_failure_and_quiet(tmp_path) -> None:
+    mine, theirs = same(["convert", "-p", "-q", "nope", "out"], str(tmp_path))
+    assert (mine.stdout, mine.stderr, mine.returncode) == (theirs.stdout, theirs.stderr, theirs.returncode)
