@@ -1,0 +1,82 @@
+"""``qemu-img check [--object objectdef] [--image-opts] [-q] [-f fmt]
+[--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename``.
+
+Exit status as qemu-img's: 0 clean, 1 check not completed, 2 corruptions,
+3 leaks only, 63 the format cannot be checked.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from qimg.cli import args
+from qimg.cli.common import add_object, check_cache, open_image
+from qimg.errors import QimgError
+from qimg.ops import check as ops_check
+
+
+def run(prog: str, argv: list[str]) -> int:
+    opts, operands = args.parse(
+        argv, "hf:r:T:qU",
+        ["help", "format=", "repair=", "output=", "object=", "image-opts", "force-share"],
+    )
+    fmt: str | None = None
+    repair: str | None = None
+    output: str | None = None
+    cache = "writeback"
+    quiet = force_share = use_image_opts = False
+    for opt, val in opts:
+        if opt in ("-h", "--help"):
+            from qimg.cli import usage
+
+            sys.stdout.write(usage.help_text(prog))
+            return 0
+        if opt in ("-f", "--format"):
+            fmt = val
+        elif opt in ("-r", "--repair"):
+            if val not in ops_check.REPAIR_MODES:
+                raise QimgError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {val}", hint=True)
+            repair = val
+        elif opt == "--output":
+            output = val
+        elif opt == "-T":
+            cache = val
+        elif opt == "-q":
+            quiet = True
+        elif opt in ("-U", "--force-share"):
+            force_share = True
+        elif opt == "--object":
+            add_object(val)
+        elif opt == "--image-opts":
+            use_image_opts = True
+    if len(operands) != 1:
+        raise QimgError("Expecting one image file name", hint=True)
+    name = operands[0]
+    if output is not None:
+        args.output_format(output)
+    check_cache(cache, source=True)
+    if force_share and repair is not None:
+        raise QimgError(f"Could not open '{name}': force-share=on can only be used with read-only images")
+    img = open_image(name, fmt, read_only=repair is None, force_share=force_share,
+                     use_image_opts=use_image_opts)
+    out = sys.stdout
+    try:
+        def repaired(result: ops_check.CheckResult) -> None:
+            if output != "json" and not quiet:
+                out.write(ops_check.repaired_text(result))
+                out.flush()
+
+        result = ops_check.check_image(img, repair, name, repaired)
+    finally:
+        img.close()
+    if not quiet:
+        if output == "json":
+            from qimg.ops.info import json_text
+
+            out.write(json_text(ops_check.to_dict(result)))
+        else:
+            out.write(ops_check.human_text(result))
+    if result.check_errors:
+        out.flush()
+        raise QimgError("Check failed")
+    return result.exit_code
