@@ -32,6 +32,8 @@ class RawDriver(Driver):
         prealloc = options.get("preallocation") or "off"
         if prealloc not in PREALLOC_MODES:
             if prealloc == "metadata":
+                # a known mode the file protocol refuses after creating the file
+                File(filename, read_only=False, create=True).close()
                 raise QimgError(f"Unsupported preallocation mode: {prealloc}")
             raise QimgError(f"invalid parameter value: {prealloc}")
         # file-posix creates whole sectors
