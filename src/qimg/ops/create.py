@@ -188,16 +188,6 @@ def _backing_size(filename: str, backing_file: str, backing_format: str | None) 
         img.close()
 
 
-def _precreate(filename: str) -> None:
-    """The protocol's part: the file must be creatable (file-posix opens it
-    with O_CREAT and reports "Could not create")."""
-    try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as e:
-        raise QimgError(f"Could not create '{filename}': {e.strerror}") from None
-    os.close(fd)
-
-
 def _option_text(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -279,9 +269,14 @@ def create(
         sys.stdout.flush()
 
     values = {name: typed for name, (_, typed) in given.items() if name != "size"}
-    _precreate(filename)
     try:
         drv.create(filename, img_size, values)
+    except QimgError as e:
+        # the file protocol's own create reports "Could not create"
+        opened = f"Could not open '{filename}': "
+        if e.message.startswith(opened):
+            raise QimgError(f"Could not create '{filename}': " + e.message[len(opened):], e.code) from None
+        raise
     except OSError as e:
         if e.errno == errno.EFBIG:
             hint = " (try using a larger cluster size)" if _cluster_size(by_name, given) else ""
