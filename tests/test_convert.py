@@ -154,3 +154,86 @@ def test_error_messages(tmp_path, argv) -> None:
 def test_progress_on_failure_and_quiet(tmp_path) -> None:
     mine, theirs = same(["convert", "-p", "-q", "nope", "out"], str(tmp_path))
     assert (mine.stdout, mine.stderr, mine.returncode) == (theirs.stdout, theirs.stderr, theirs.returncode)
+
+
+def _chain(tmp_path) -> tuple[str, str]:
+    """A qcow2 backing chain written by qemu-io: data, compressed clusters,
+    zero writes (with and without unmap), a discard, an overlay larger than
+    its backing file."""
+    base = _qcow2(tmp_path / "base.qcow2", "4M", "write -P 1 0 1M", "write -P 2 2M 64k", "write -c -P 3 3M 64k")
+    top = str(tmp_path / "top.qcow2")
+    assert run_qemu("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "5M").returncode == 0
+    run_qemu_io("-f", "qcow2", "-c", "write -P 9 64k 64k", "-c", "write -z 256k 128k", "-c", "discard 2M 64k",
+                "-c", "write -P 7 4200k 5k", "-c", "write -z -u 512k 64k", top)
+    return base, top
+
+
+QCOW2_CASES = [
+    ("qcow2", []),
+    ("raw", []),
+    ("qcow2", ["-c"]),
+    ("qcow2", ["-S", "0"]),
+    ("qcow2", ["-B", "base.qcow2", "-F", "qcow2"]),
+    ("qcow2", ["-p", "-o", "cluster_size=4k"]),
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("out_fmt,args", QCOW2_CASES, ids=[f"{f} {' '.join(a)}" for f, a in QCOW2_CASES])
+def test_qcow2_chain_like_qemu(tmp_path, out_fmt, args) -> None:
+    base, top = _chain(tmp_path)
+    mine, theirs = str(tmp_path / f"mine.{out_fmt}"), str(tmp_path / f"theirs.{out_fmt}")
+    a = run_qimg("convert", "-O", out_fmt, *args, "top.qcow2", mine, cwd=str(tmp_path))
+    b = run_qemu("convert", "-O", out_fmt, *args, "top.qcow2", theirs, cwd=str(tmp_path))
+    assert (a.stdout, a.stderr, a.returncode) == (b.stdout, b.stderr, b.returncode)
+    assert _map(mine, out_fmt) == _map(theirs, out_fmt)
+    _identical(top, mine, "qcow2", out_fmt)
+    if out_fmt == "qcow2":
+        p = run_qemu("check", mine)
+        assert p.returncode == 0 and p.stdout.startswith(b"No errors were found on the image."), p.stdout
+        # written in the same order, the files are the same bytes
+        with open(mine, "rb") as f, open(theirs, "rb") as g:
+            assert f.read() == g.read()
+
+
+@needs_qemu
+def test_raw_to_qcow2_compressed_and_concatenated(tmp_path) -> None:
+    src = _raw(tmp_path / "src.raw", "3M", *PATTERNED[:4])
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(os.urandom(70000))
+    for args in (["-c"], []):
+        mine, theirs = _both(tmp_path, args, "raw", "qcow2", [src, str(odd), src])
+        assert _map(mine, "qcow2") == _map(theirs, "qcow2")
+        with open(mine, "rb") as f, open(theirs, "rb") as g:
+            assert f.read() == g.read()
+        assert run_qemu("check", mine).returncode == 0
+        os.unlink(mine)
+        os.unlink(theirs)
+
+
+@needs_qemu
+def test_skip_create_into_existing_qcow2(tmp_path) -> None:
+    _base, top = _chain(tmp_path)
+    outs = []
+    for name, runner in (("mine.qcow2", run_qimg), ("theirs.qcow2", run_qemu)):
+        out = _qcow2(tmp_path / name, "6M", "write -P 0xee 0 6M")
+        p = runner("convert", "-n", "-O", "qcow2", top, out)
+        assert (p.returncode, p.stdout, p.stderr) == (0, b"", b"")
+        outs.append(out)
+    assert _map(outs[0], "qcow2") == _map(outs[1], "qcow2")
+    p = run_qemu("compare", outs[0], outs[1])
+    assert p.returncode == 0, p.stdout
+    assert run_qemu("check", outs[0]).returncode == 0
+
+
+@needs_qemu
+def test_library_convert(tmp_path) -> None:
+    from qimg.ops.convert import convert
+
+    src = _raw(tmp_path / "src.raw", "2M", "write -P 0x3 64k 64k")
+    seen: list[float] = []
+    out = str(tmp_path / "out.qcow2")
+    convert([src], out, src_format="raw", out_format="qcow2", options="cluster_size=16k", progress=seen.append)
+    assert seen and seen[-1] == 100.0
+    _identical(src, out, "raw", "qcow2")
+    assert [e["data"] for e in _map(out, "qcow2")] == [False, True, False]

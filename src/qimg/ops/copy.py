@@ -214,18 +214,40 @@ def run(job: CopyJob) -> None:
                 done += chunk.sectors
                 job.progress(100.0 * done / total_alloc)
             _write_chunk(job, chunk, fut.result() if fut is not None else None, compressor)
+    if compressor is not None:
+        _align_file_end(job.target)
+
+
+def _align_file_end(target: Image) -> None:
+    """qemu-img ends compressed output with an empty compressed write, on
+    which qcow2 rounds its file up to whole sectors (the packed compressed
+    data may end anywhere)."""
+    f = target.driver.data_node
+    size = f.size
+    if size % SECTOR:
+        f.truncate(size + SECTOR - size % SECTOR)
 
 
 def _read_chunk(job: CopyJob, chunk: Chunk) -> bytearray:
-    """The chunk's guest bytes, padded with zeroes to whole sectors."""
+    """The chunk's guest bytes, padded with zeroes to whole sectors.  A
+    compressed cluster may span the end of one source and the start of the
+    next (convert_co_read)."""
+    buf = bytearray()
+    sector, left = chunk.sector, chunk.sectors
     src_start = sum(job.src_sectors[: chunk.src])
-    img = job.sources[chunk.src]
-    offset = (chunk.sector - src_start) * SECTOR
-    length = chunk.sectors * SECTOR
-    data = img.read(offset, length)
-    buf = bytearray(data)
-    if len(buf) < length:
-        buf.extend(bytes(length - len(buf)))
+    src = chunk.src
+    while left > 0:
+        while sector - src_start >= job.src_sectors[src]:
+            src_start += job.src_sectors[src]
+            src += 1
+        n = min(left, job.src_sectors[src] - (sector - src_start))
+        length = n * SECTOR
+        data = job.sources[src].read((sector - src_start) * SECTOR, length)
+        buf += data
+        if len(data) < length:
+            buf += bytes(length - len(data))
+        sector += n
+        left -= n
     return buf
 
 
@@ -265,10 +287,12 @@ class _Compressor:
     GIL) and are placed in guest order by the writer."""
 
     def __init__(self, job: CopyJob) -> None:
-        from qimg.formats import qcow2
-
         self.cluster_size = job.cluster_sectors * SECTOR
-        self.fn = getattr(qcow2, "compress_cluster", None)
+        self.fn: Callable[[bytes, int], bytes | None] | None = None
+        if job.target.format == "qcow2":
+            from qimg.formats.qcow2.compress import compress_cluster
+
+            self.fn = compress_cluster
         #: -S 0 writes even zero clusters (compressed)
         self.sparse = job.min_sparse > 0
         self.raw_writer = getattr(job.target.driver, "write_compressed_raw", None)

@@ -1,0 +1,88 @@
+"""compare against the real qemu-img: messages, progress and exit codes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io
+
+
+def _raw(path, size: str, *cmds: str) -> str:
+    assert run_qemu("create", "-f", "raw", str(path), size).returncode == 0
+    if cmds:
+        args = []
+        for c in cmds:
+            args += ["-c", c]
+        run_qemu_io("-f", "raw", *args, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def images(tmp_path):
+    a = _raw(tmp_path / "a.raw", "3M", "write -P 0x11 0 64k", "write -P 0x22 1M 4k",
+             "write -P 0 1032k 4k", "write -P 0x33 2M 1k")
+    shutil.copy(a, tmp_path / "b.raw")
+    run_qemu_io("-f", "raw", "-c", "write -P 0x5 1500k 1k", str(tmp_path / "b.raw"))
+    shutil.copy(a, tmp_path / "c.raw")
+    run_qemu_io("-f", "raw", "-c", "write -P 0x11 1001k 1k", str(tmp_path / "c.raw"))
+    big = _raw(tmp_path / "big.raw", "4M")
+    with open(a, "rb") as f, open(big, "r+b") as g:
+        g.write(f.read())
+    shutil.copy(big, tmp_path / "bigdata.raw")
+    run_qemu_io("-f", "raw", "-c", "write -P 1 3700k 1k", str(tmp_path / "bigdata.raw"))
+    assert run_qemu("convert", "-f", "raw", "-O", "raw", a, str(tmp_path / "sparse.raw")).returncode == 0
+    assert run_qemu("convert", "-f", "raw", "-O", "qcow2", a, str(tmp_path / "a.qcow2")).returncode == 0
+    assert run_qemu("convert", "-S", "0", "-f", "raw", "-O", "qcow2", a, str(tmp_path / "s0.qcow2")).returncode == 0
+    return str(tmp_path)
+
+
+CASES = [
+    ["a.raw", "a.raw"],
+    ["a.raw", "b.raw"],
+    ["-p", "a.raw", "b.raw"],
+    ["b.raw", "a.raw"],
+    ["a.raw", "c.raw"],
+    ["-q", "a.raw", "b.raw"],
+    ["-p", "-q", "a.raw", "a.raw"],
+    ["a.raw", "big.raw"],
+    ["-p", "big.raw", "a.raw"],
+    ["a.raw", "bigdata.raw"],
+    ["-p", "bigdata.raw", "a.raw"],
+    ["-s", "a.raw", "big.raw"],
+    ["-s", "a.raw", "sparse.raw"],
+    ["-s", "a.raw", "a.raw"],
+    ["-f", "raw", "-F", "qcow2", "a.raw", "a.qcow2"],
+    ["-p", "a.raw", "a.qcow2"],
+    ["-s", "a.raw", "a.qcow2"],
+    ["-s", "a.qcow2", "s0.qcow2"],
+    ["-s", "-p", "a.qcow2", "a.qcow2"],
+    ["a.raw", "nope"],
+    ["nope", "a.raw"],
+    ["a.raw"],
+    ["a.raw", "b.raw", "c.raw"],
+    ["-f", "qcow2", "a.raw", "a.raw"],
+    ["-T", "foo", "a.raw", "a.raw"],
+    ["-U", "a.raw", "a.raw"],
+    ["-x", "a.raw", "a.raw"],
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("argv", CASES, ids=[" ".join(c) for c in CASES])
+def test_compare_like_qemu(images, argv) -> None:
+    assert_same(["compare", *argv], images)
+
+
+@needs_qemu
+def test_library_result(images) -> None:
+    from qimg.ops.compare import compare
+
+    r = compare(f"{images}/a.raw", f"{images}/b.raw", fmt_a="raw", fmt_b="raw")
+    assert not r.identical and r.offset == 1500 * 1024 and r.code == 1
+    r = compare(f"{images}/big.raw", f"{images}/a.raw", fmt_a="raw", fmt_b="raw")
+    assert r.identical and r.warning == "Warning: Image size mismatch!"
+    seen = []
+    r = compare(f"{images}/a.raw", f"{images}/a.qcow2", fmt_a="raw", progress=seen.append)
+    assert r.identical and 99.9 < seen[-1] <= 100.0
