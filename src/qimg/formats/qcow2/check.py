@@ -56,6 +56,16 @@ BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_RESERVED_MASK = 0xFF000000000001FE
 BME_FLAG_ALL_ONES = 1
 
+# What a metadata write may not overlap (QCow2MetadataOverlap bits).
+OL_MAIN_HEADER = 1 << 0
+OL_ACTIVE_L1 = 1 << 1
+OL_ACTIVE_L2 = 1 << 2
+OL_REFCOUNT_TABLE = 1 << 3
+OL_REFCOUNT_BLOCK = 1 << 4
+OL_SNAPSHOT_TABLE = 1 << 5
+OL_INACTIVE_L1 = 1 << 6
+OL_BITMAP_DIRECTORY = 1 << 8
+
 QCOW_MAX_L1_SIZE = 32 << 20
 QCOW_MAX_SNAPSHOTS = 65536
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes
@@ -238,7 +248,8 @@ class _Pass:
 class Qcow2Checker:
     """qcow2_co_check_locked over a driver's file and header."""
 
-    def __init__(self, driver: Any, fix: int, report: Callable[[str], None]) -> None:
+    def __init__(self, driver: Any, fix: int, report: Callable[[str], None],
+                 error_report: Callable[[str], None]) -> None:
         self.driver = driver
         self.file: "File" = driver.file
         h = driver.header
@@ -252,6 +263,7 @@ class Qcow2Checker:
         self.has_data_file = bool(h.incompatible_features & INCOMPAT_DATA_FILE)
         self.fix = fix
         self.report = report
+        self.error_report = error_report
         self.writable = not driver.read_only
         self.signaled = False
         self.wrote = False
@@ -275,16 +287,78 @@ class Qcow2Checker:
                                  self.cluster_bits, self.order, self._signal_bad_refblock)
 
     def _signal_bad_refblock(self, offset: int, index: int) -> None:
-        """qcow2_signal_corruption: reported once; fatal when writable."""
-        if self.signaled:
+        self._signal(f"Refblock offset {_hx(offset)} unaligned (reftable index: {_hx(index)})")
+
+    def _signal(self, what: str, fatal: bool = True) -> None:
+        """qcow2_signal_corruption: reported once (a fatal one after a
+        non-fatal one still is); fatal only on a writable image, where it
+        sets the corrupt bit."""
+        fatal = fatal and self.writable
+        corrupt = bool(self.header.incompatible_features & INCOMPAT_CORRUPT)
+        if self.signaled and (not fatal or corrupt):
             return
         self.signaled = True
-        what = f"Refblock offset {_hx(offset)} unaligned (reftable index: {_hx(index)})"
-        if self.writable:
+        if fatal:
             self.report(f"qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed")
             self._set_incompat(self.header.incompatible_features | INCOMPAT_CORRUPT)
         else:
             self.report(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed")
+
+    def _overlap(self, ign: int, offset: int, size: int) -> str | None:
+        """qcow2_check_metadata_overlap with QEMU's default ("cached")
+        checks: the name of the metadata [offset, offset+size) would hit."""
+        if not size:
+            return None
+        cs = self.cs
+        if not ign & OL_MAIN_HEADER and offset < cs:
+            return "qcow2_header"
+        size = -(-((offset & (cs - 1)) + size) // cs) * cs
+        offset &= ~(cs - 1)
+
+        def hits(start: int, length: int) -> bool:
+            return offset < start + length and start < offset + size
+
+        if not ign & OL_ACTIVE_L1 and self.l1_size and hits(self.l1_offset, self.l1_size * 8):
+            return "active L1 table"
+        reftable = self.view.reftable
+        if not ign & OL_REFCOUNT_TABLE and len(reftable) and hits(self.reftable_offset, len(reftable) * 8):
+            return "refcount table"
+        if not ign & OL_SNAPSHOT_TABLE and self.snapshots_size and hits(self.snapshots_offset, self.snapshots_size):
+            return "snapshot table"
+        if not ign & OL_INACTIVE_L1:
+            for sn in self.snapshots:
+                if sn.l1_size and hits(sn.l1_table_offset, sn.l1_size * 8):
+                    return "inactive L1 table"
+
+        def any_cluster(table: np.ndarray, mask: int) -> bool:
+            starts = (table & _U64(mask)).astype(np.int64)
+            starts = starts[starts != 0]
+            return bool(((offset < starts + cs) & (starts < offset + size)).any())
+
+        if not ign & OL_ACTIVE_L2 and any_cluster(self.l1, L1E_OFFSET_MASK):
+            return "active L2 table"
+        if not ign & OL_REFCOUNT_BLOCK and any_cluster(reftable, REFT_OFFSET_MASK):
+            return "refcount block"
+        bitmaps = self._bitmap_directory()
+        if not ign & OL_BITMAP_DIRECTORY and bitmaps and hits(*bitmaps):
+            return "bitmap directory"
+        return None
+
+    def _may_write(self, ign: int, offset: int, size: int) -> bool:
+        """qcow2_pre_write_overlap_check: False (and the image marked
+        corrupt) when the write would hit metadata."""
+        what = self._overlap(ign, offset, size)
+        if what is None:
+            return True
+        self._signal(f"Preventing invalid write on metadata (overlaps with {what})")
+        return False
+
+    def _bitmap_directory(self) -> tuple[int, int] | None:
+        ext = self.header.bitmaps_ext
+        if not ext or len(ext) < 24 or not self.header.autoclear_features & AUTOCLEAR_BITMAPS:
+            return None
+        nb_bitmaps, _, dir_size, dir_offset = struct.unpack(">IIQQ", ext[:24])
+        return (dir_offset, dir_size) if nb_bitmaps else None
 
     def _set_incompat(self, features: int) -> None:
         if self.header.version < 3 or features == self.header.incompatible_features:
@@ -409,6 +483,18 @@ class Qcow2Checker:
     def calculate(self, res: CheckResult, fix: int, nb: int) -> tuple[np.ndarray, int, bool]:
         """The refcounts the metadata implies: (counts, clusters, rebuild)."""
         p = _Pass(self.file.size)
+        try:
+            self._calculate(p, res, fix)
+        finally:
+            for _, _, _, text in sorted(p.msgs):
+                self.report(text)
+            p.msgs.clear()
+        counts = self._count(p, res, nb)
+        for _, _, _, text in sorted(p.msgs):
+            self.report(text)
+        return self._check_refblocks(res, fix, counts)
+
+    def _calculate(self, p: _Pass, res: CheckResult, fix: int) -> None:
         self._inc(p, res, 0, self.cs)
         self._check_l1(p, res, self.l1_offset, self.l1_size, True, fix)
         if self.has_data_file and self.snapshots:
@@ -425,16 +511,12 @@ class Qcow2Checker:
                       "L1 table is too large; snapshot table entry corrupted")
                 res.corruptions += 1
                 continue
-            self._check_l1(p, res, sn.l1_table_offset, sn.l1_size, False, fix)
+            self._check_l1(p, res, sn.l1_table_offset, sn.l1_size, False, fix, active=False)
         self._inc(p, res, self.snapshots_offset, self.snapshots_size)
         self._inc(p, res, self.reftable_offset, len(self.view.reftable) * 8)
         if self.header.crypto_header:
             self._inc(p, res, *self.header.crypto_header)
         self._check_bitmaps(p, res)
-        counts = self._count(p, res, nb)
-        for _, _, _, text in sorted(p.msgs):
-            self.report(text)
-        return self._check_refblocks(res, fix, counts)
 
     def _count(self, p: _Pass, res: CheckResult, nb: int) -> np.ndarray:
         """np.bincount of the references, capped at the refcount width with
@@ -496,7 +578,8 @@ class Qcow2Checker:
         p.ref_slots.append(np.repeat(slots[ok], n))
 
     # ---- L1 and L2 tables ------------------------------------------------------
-    def _check_l1(self, p: _Pass, res: CheckResult, l1_offset: int, l1_size: int, frag: bool, fix: int) -> None:
+    def _check_l1(self, p: _Pass, res: CheckResult, l1_offset: int, l1_size: int, frag: bool, fix: int,
+                  active: bool = True) -> None:
         """check_refcounts_l1 with check_refcounts_l2 for all its tables."""
         if not l1_size:
             return
@@ -506,7 +589,7 @@ class Qcow2Checker:
         per_batch = max(1, _BATCH_BYTES // self.cs)
         for b in range(0, len(rows), per_batch):
             idx = rows[b:b + per_batch]
-            self._check_l2_batch(p, res, l1[idx], frag, fix)
+            self._check_l2_batch(p, res, l1[idx], frag, fix, active)
 
     def _read_l2(self, offsets: np.ndarray) -> np.ndarray:
         """The L2 tables at ``offsets`` as a (tables, cluster_size/8) array."""
@@ -515,7 +598,8 @@ class Qcow2Checker:
             buf[r] = np.frombuffer(self.file.pread(off, self.cs), dtype=np.uint8)
         return buf.view(">u8").astype(_U64)
 
-    def _check_l2_batch(self, p: _Pass, res: CheckResult, l1e: np.ndarray, frag: bool, fix: int) -> None:
+    def _check_l2_batch(self, p: _Pass, res: CheckResult, l1e: np.ndarray, frag: bool, fix: int,
+                        active: bool) -> None:
         cs, n = self.cs, self.l2_entries
         rows = len(l1e)
         l2off = (l1e & _U64(L1E_OFFSET_MASK)).astype(np.int64)
@@ -594,7 +678,16 @@ class Qcow2Checker:
                         p.msg(slot, 0, f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} offset={off:x}: "
                               "Preallocated cluster is not properly aligned; L2 entry corrupted.")
                         if fix & FIX_ERRORS:
-                            self._zero_l2_entry(int(l2off[r]), int(i), int(bitmaps[r, i]))
+                            report = self.report
+                            self.report = lambda text, slot=slot: p.msg(slot, 0, text)  # type: ignore[misc]
+                            try:
+                                written = self._zero_l2_entry(int(l2off[r]), int(i), int(bitmaps[r, i]), active)
+                            finally:
+                                self.report = report  # type: ignore[method-assign]
+                            if not written:
+                                p.msg(slot, 0, "ERROR: Overlap check failed")
+                                res.check_errors += 1
+                                raise _CheckFailed(5)
                             res.corruptions -= 1
                             res.corruptions_fixed += 1
                             fixed[r, i] = True
@@ -635,7 +728,7 @@ class Qcow2Checker:
         same_table = r[1:] == r[:-1]
         return int((same_table & (o[1:] != o[:-1] + self.cs)).sum())
 
-    def _zero_l2_entry(self, l2_offset: int, index: int, bitmap: int) -> None:
+    def _zero_l2_entry(self, l2_offset: int, index: int, bitmap: int, active: bool) -> bool:
         """fix_l2_entry_by_zero: the entry reads as zeroes and owns no cluster."""
         if self.extl2:
             bitmap |= (bitmap << 32) & 0xFFFFFFFFFFFFFFFF
@@ -645,9 +738,12 @@ class Qcow2Checker:
         else:
             data = struct.pack(">Q", OFLAG_ZERO)
             where = l2_offset + index * 8
+        if not self._may_write(OL_ACTIVE_L2 if active else 0, where, len(data)):
+            return False
         self.file.pwrite(where, data)
         self.file.flush()
         self.wrote = True
+        return True
 
     # ---- bitmaps -------------------------------------------------------------
     def _check_bitmaps(self, p: _Pass, res: CheckResult) -> None:
@@ -797,6 +893,7 @@ class Qcow2Checker:
         """New refblocks and reftable from ``counts``, in clusters nothing uses,
         then the header switched to them (the old ones are left leaked)."""
         self.imrt = counts.copy()
+        self._rebuild_res = res
         self.reftable_new = np.zeros(0, dtype=_U64)
         self._write_refblocks(0, len(self.imrt))
         while True:
@@ -806,6 +903,9 @@ class Qcow2Checker:
             start = offset >> self.cluster_bits
             if not self._write_refblocks(start, start + clusters):
                 break
+        if not self._may_write(0, offset, len(self.reftable_new) * 8):
+            self.error_report("ERROR writing reftable: Input/output error")
+            raise _CheckFailed(5)
         self.file.pwrite(offset, self.reftable_new.astype(">u8").tobytes())
         self.file.flush()
         self.file.pwrite(48, struct.pack(">QI", offset, clusters))
@@ -870,6 +970,10 @@ class Qcow2Checker:
             values = np.zeros(per, dtype=_U64)
             chunk = self.imrt[block_start:block_end]
             values[:len(chunk)] = chunk
+            if not self._may_write(0, block_offset, self.cs):
+                self.error_report("ERROR writing refblock: Input/output error")
+                self._rebuild_res.check_errors += 1
+                raise _CheckFailed(5)
             self.file.pwrite(block_offset, encode_refblock(values, self.order))
             cur = block_end
         return grown
@@ -919,6 +1023,11 @@ class Qcow2Checker:
                     if repair:
                         l1e = l1e | OFLAG_COPIED if refcount == 1 else l1e & ~OFLAG_COPIED
                         self.l1[i] = l1e
+                        first = i & ~63  # qcow2_write_l1_entry writes one sector of entries
+                        count = min(64, self.l1_size - first)
+                        if not self._may_write(OL_ACTIVE_L1, self.l1_offset + first * 8, count * 8):
+                            res.check_errors += 1
+                            raise _CheckFailed(5)
                         self.file.pwrite(self.l1_offset + i * 8, struct.pack(">Q", l1e))
                         self.file.flush()
                         self.wrote = True
@@ -935,6 +1044,11 @@ class Qcow2Checker:
                     step = 2 if self.extl2 else 1
                     table = raw[r].copy()
                     table[bad_entries * step] ^= _U64(OFLAG_COPIED)
+                    if not self._may_write(OL_ACTIVE_L2, int(l2off[r]), self.cs):
+                        self.report("ERROR: Could not write L2 table; metadata overlap check failed: "
+                                    "Input/output error")
+                        res.check_errors += 1
+                        raise _CheckFailed(5)
                     self.file.pwrite(int(l2off[r]), table.astype(">u8").tobytes())
                     self.file.flush()
                     self.wrote = True
@@ -946,15 +1060,25 @@ def _stderr(line: str) -> None:
     sys.stderr.write(line + "\n")
 
 
+def _error_report(line: str) -> None:
+    """error_report(): the message prefixed with the program's name."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qimg"
+    if prog in ("__main__.py", "-m", "-c", ""):
+        prog = "qimg"
+    sys.stderr.write(f"{prog}: {line}\n")
+
+
 def check_image(driver: Any, repair: str | None = None,
-                report: Callable[[str], None] | None = None) -> CheckResult:
+                report: Callable[[str], None] | None = None,
+                error_report: Callable[[str], None] | None = None) -> CheckResult:
     """Check (and with ``repair`` 'leaks' or 'all', repair) a qcow2 image.
 
     ``driver`` offers file, header, read_only and drop_caches().  Findings
     are reported line by line to ``report`` (stderr by default), as QEMU
-    prints them; a check that cannot complete raises QimgError("Check
+    prints them, and QEMU's error_report() lines to ``error_report``
+    (stderr, after the program name); a check that cannot complete raises QimgError("Check
     failed: ...").
     """
     fix = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}[repair]
     sys.stdout.flush()
-    return Qcow2Checker(driver, fix, report or _stderr).run()
+    return Qcow2Checker(driver, fix, report or _stderr, error_report or _error_report).run()

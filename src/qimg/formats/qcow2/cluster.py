@@ -1,0 +1,162 @@
+"""qcow2 cluster mapping: the L1 table, a bounded LRU cache of L2 tables, and
+classification of L2 entries into runs (docs/interop/qcow2.txt, "Cluster
+mapping").
+
+Entries are classified a whole L2 slice at a time with numpy, so a run of a
+million clusters costs a handful of vectorized steps, not a Python loop.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from qimg.errors import QimgError
+
+if TYPE_CHECKING:
+    from qimg.protocols.file import File
+
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_OFLAG_COMPRESSED = 1 << 62
+QCOW_OFLAG_ZERO = 1
+
+# Cluster types, as QEMU's QCow2ClusterType.
+UNALLOCATED = 0
+NORMAL = 1
+ZERO_PLAIN = 2
+ZERO_ALLOC = 3
+COMPRESSED = 4
+
+#: bytes of L2 tables kept in memory (QEMU's default l2-cache-size is 32 MiB max)
+L2_CACHE_BYTES = 32 << 20
+
+
+def classify(entries: np.ndarray) -> np.ndarray:
+    """The cluster type of each L2 entry (uint64 array in, uint8 array out)."""
+    comp = (entries & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+    has_off = (entries & np.uint64(L2E_OFFSET_MASK)) != 0
+    zero = (entries & np.uint64(QCOW_OFLAG_ZERO)) != 0
+    kinds = np.where(has_off, NORMAL, UNALLOCATED).astype(np.uint8)
+    kinds[zero] = np.where(has_off[zero], ZERO_ALLOC, ZERO_PLAIN)
+    kinds[comp] = COMPRESSED
+    return kinds
+
+
+class ClusterMap:
+    """L1 and L2 tables of one image; dirty tables are written by flush()."""
+
+    def __init__(self, file: "File", cluster_bits: int, l1_offset: int, l1_size: int) -> None:
+        self.file = file
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.l2_bits = cluster_bits - 3
+        self.l2_size = 1 << self.l2_bits
+        self.l1_offset = l1_offset
+        raw = file.pread(l1_offset, l1_size * 8) if l1_size else b""
+        self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.l1_dirty: set[int] = set()
+        self._l2: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._l2_dirty: set[int] = set()
+        self._max_tables = max(16, L2_CACHE_BYTES >> cluster_bits)
+        #: called before dirty L2 tables are written (refcounts go first)
+        self.before_l2_flush: Callable[[], None] | None = None
+
+    # ---- tables -------------------------------------------------------------
+    def l2_offset(self, l1_index: int) -> int:
+        if l1_index >= len(self.l1):
+            return 0
+        return int(self.l1[l1_index]) & L1E_OFFSET_MASK
+
+    def l2_table(self, l2_offset: int) -> np.ndarray:
+        tab = self._l2.get(l2_offset)
+        if tab is not None:
+            self._l2.move_to_end(l2_offset)
+            return tab
+        if l2_offset & (self.cluster_size - 1):
+            raise QimgError(f"L2 table offset {l2_offset:#x} unaligned")
+        if len(self._l2) >= self._max_tables:
+            self._evict()
+        tab = np.frombuffer(self.file.pread(l2_offset, self.cluster_size), dtype=">u8").astype(np.uint64)
+        self._l2[l2_offset] = tab
+        return tab
+
+    def new_l2_table(self, l2_offset: int, contents: np.ndarray | None = None) -> np.ndarray:
+        if len(self._l2) >= self._max_tables:
+            self._evict()
+        tab = np.zeros(self.l2_size, dtype=np.uint64) if contents is None else contents.copy()
+        self._l2[l2_offset] = tab
+        self._l2_dirty.add(l2_offset)
+        return tab
+
+    def mark_dirty(self, l2_offset: int) -> None:
+        self._l2_dirty.add(l2_offset)
+
+    def _evict(self) -> None:
+        off, _ = next(iter(self._l2.items()))
+        if off in self._l2_dirty:
+            self.flush()
+        self._l2.pop(off, None)
+
+    def entries(self, cluster_index: int, count: int) -> np.ndarray:
+        """L2 entries for clusters [cluster_index, +count) within one L2 table
+        (zeroes where no L2 table is allocated)."""
+        l1i = cluster_index >> self.l2_bits
+        i = cluster_index & (self.l2_size - 1)
+        count = min(count, self.l2_size - i)
+        off = self.l2_offset(l1i)
+        if not off:
+            return np.zeros(count, dtype=np.uint64)
+        return self.l2_table(off)[i:i + count]
+
+    def run(self, cluster_index: int, count: int) -> tuple[int, int, int]:
+        """(type, n, first entry) of the longest run of clusters from
+        ``cluster_index`` (at most ``count``) that share one type and, for
+        clusters with a host offset, are contiguous on the host.
+        Compressed clusters are merged by type only."""
+        first: int | None = None
+        kind = -1
+        n = 0
+        cs = self.cluster_size
+        while n < count:
+            ents = self.entries(cluster_index + n, count - n)
+            kinds = classify(ents)
+            if first is None:
+                first = int(ents[0])
+                kind = int(kinds[0])
+            same = kinds == kind
+            if kind in (NORMAL, ZERO_ALLOC):
+                base = (first & L2E_OFFSET_MASK) + n * cs
+                hosts = ents & np.uint64(L2E_OFFSET_MASK)
+                expect = np.uint64(base) + np.arange(len(ents), dtype=np.uint64) * np.uint64(cs)
+                same &= hosts == expect
+            bad = np.flatnonzero(~same)
+            if len(bad):
+                n += int(bad[0])
+                break
+            n += len(ents)
+        assert first is not None
+        return kind, n, first
+
+    # ---- writing back ---------------------------------------------------------
+    def flush(self) -> None:
+        """Write dirty L2 tables, then dirty L1 entries (QEMU's order)."""
+        if self._l2_dirty and self.before_l2_flush is not None:
+            self.before_l2_flush()
+        for off in sorted(self._l2_dirty):
+            tab = self._l2.get(off)
+            if tab is not None:
+                self.file.pwrite(off, tab.astype(">u8").tobytes())
+        self._l2_dirty.clear()
+        if self.l1_dirty:
+            lo, hi = min(self.l1_dirty), max(self.l1_dirty) + 1
+            self.file.pwrite(self.l1_offset + lo * 8, self.l1[lo:hi].astype(">u8").tobytes())
+            self.l1_dirty.clear()
+
+    def drop_caches(self) -> None:
+        self._l2.clear()
+        self._l2_dirty.clear()
+        self.l1_dirty.clear()

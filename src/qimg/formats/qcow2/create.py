@@ -1,0 +1,208 @@
+"""qcow2 image creation, laid out byte for byte as qemu-img 7.2 lays it out
+(qcow2_co_create): header cluster, refcount table at cluster 1, its first
+refcount block at cluster 2, then the L1 table grown to the image size, then
+whatever the preallocation mode allocates, with QEMU's allocator.
+
+Errors are raised without the "FILENAME: " prefix qemu-img puts before
+every create error; the create command adds it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from qimg.block.options import BOOL, NUMBER, SIZE, STRING, OptionSpec
+from qimg.errors import QimgError, UnsupportedError
+from qimg.formats.qcow2 import header as H
+
+_CLUSTER_SIZE_HELP = "qcow2 cluster size"
+
+#: as qcow2_create_opts in block/qcow2.c (type names and help as ``-o help`` prints them)
+CREATE_OPTS: list[OptionSpec] = [
+    OptionSpec("size", SIZE, "Virtual disk size"),
+    OptionSpec("compat", STRING, "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    OptionSpec("backing_file", STRING, "File name of a base image"),
+    OptionSpec("backing_fmt", STRING, "Image format of the base image"),
+    OptionSpec("data_file", STRING, "File name of an external data file"),
+    OptionSpec("data_file_raw", BOOL, "The external data file must stay valid as a raw image"),
+    OptionSpec("encryption", BOOL, "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
+    OptionSpec("encrypt.format", STRING, "Encrypt the image, format choices: 'aes', 'luks'"),
+    OptionSpec("encrypt.key-secret", STRING, "ID of secret providing qcow AES key or LUKS passphrase"),
+    OptionSpec("encrypt.cipher-alg", STRING, "Name of encryption cipher algorithm"),
+    OptionSpec("encrypt.cipher-mode", STRING, "Name of encryption cipher mode"),
+    OptionSpec("encrypt.ivgen-alg", STRING, "Name of IV generator algorithm"),
+    OptionSpec("encrypt.ivgen-hash-alg", STRING, "Name of IV generator hash algorithm"),
+    OptionSpec("encrypt.hash-alg", STRING, "Name of encryption hash algorithm"),
+    OptionSpec("encrypt.iter-time", NUMBER, "Time to spend in PBKDF in milliseconds"),
+    OptionSpec("cluster_size", SIZE, _CLUSTER_SIZE_HELP, 65536),
+    OptionSpec("extended_l2", BOOL, "Extended L2 tables", False),
+    OptionSpec("preallocation", STRING, "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+    OptionSpec("lazy_refcounts", BOOL, "Postpone refcount updates", False),
+    OptionSpec("refcount_bits", NUMBER, "Width of a reference count entry in bits", 16),
+    OptionSpec("compression_type", STRING, "Compression method used for image cluster compression", "zlib"),
+]
+
+_COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+_PREALLOC = ("off", "metadata", "falloc", "full")
+QCOW_MAX_L1_SIZE = 32 << 20
+
+
+def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
+    """Check options as qcow2_co_create_opts/qcow2_co_create do; returns
+    the settled values."""
+    if o.get("backing_fmt") and not o.get("backing_file"):
+        raise QimgError("Backing format cannot be used without backing file")
+    compat = o.get("compat")
+    if compat is None:
+        version = 3
+    elif compat in _COMPAT:
+        version = _COMPAT[compat]
+    else:
+        raise QimgError(f"Parameter 'version' does not accept value '{compat}'")
+    prealloc = o.get("preallocation") or "off"
+    if prealloc not in _PREALLOC:
+        raise QimgError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+    ctype = o.get("compression_type") or "zlib"
+    if ctype not in ("zlib", "zstd"):
+        raise QimgError(f"Parameter 'compression-type' does not accept value '{ctype}'")
+    if o.get("encryption") or o.get("encrypt.format"):
+        if not o.get("encrypt.key-secret"):
+            raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
+        raise UnsupportedError("Creating encrypted qcow2 images is not supported yet")
+    cluster_size = o.get("cluster_size", 65536)
+    if cluster_size is None:
+        cluster_size = 65536
+    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
+        raise QimgError("Cluster size must be a power of two between 512 and 2048k")
+    refcount_bits = o.get("refcount_bits")
+    if refcount_bits is None:
+        refcount_bits = 16
+    if refcount_bits > 64 or refcount_bits <= 0 or refcount_bits & (refcount_bits - 1):
+        raise QimgError("Refcount width must be a power of two and may not exceed 64 bits")
+    lazy = bool(o.get("lazy_refcounts"))
+    if version < 3 and refcount_bits != 16:
+        raise QimgError("Different refcount widths than 16 bits require compatibility level 1.1 "
+                        "or above (use version=v3 or greater)")
+    if version < 3 and lazy:
+        raise QimgError("Lazy refcounts only supported with compatibility level 1.1 and above "
+                        "(use version=v3 or greater)")
+    if version < 3 and ctype != "zlib":
+        raise QimgError("Non-zlib compression type is only supported with compatibility level 1.1 "
+                        "and above (use version=v3 or greater)")
+    if o.get("extended_l2"):
+        raise UnsupportedError("Extended L2 entries are not supported yet")
+    if o.get("data_file") or o.get("data_file_raw"):
+        raise UnsupportedError("External data files are not supported yet")
+    cluster_bits = cluster_size.bit_length() - 1
+    size = (size + 511) // 512 * 512
+    l2_shift = cluster_bits + cluster_bits - 3
+    if ((size + (1 << l2_shift) - 1) >> l2_shift) * 8 > QCOW_MAX_L1_SIZE:
+        raise QimgError("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+    return dict(size=size, version=version, prealloc=prealloc, ctype=ctype, cluster_bits=cluster_bits,
+                refcount_order=refcount_bits.bit_length() - 1, lazy=lazy,
+                backing_file=o.get("backing_file") or None, backing_fmt=o.get("backing_fmt") or None)
+
+
+def create_image(filename: str, size: int, options: dict[str, Any]) -> None:
+    """Create a qcow2 image as qemu-img create does (see module doc)."""
+    from qimg.protocols.file import File
+
+    v = _validate(size, options)
+    cb = v["cluster_bits"]
+    cs = 1 << cb
+    h = H.QCowHeader(version=v["version"], cluster_bits=cb, refcount_table_offset=cs,
+                     refcount_table_clusters=1, refcount_order=v["refcount_order"])
+    if v["version"] >= 3:
+        h.header_length = H.V3_HEADER_LENGTH_COMPRESSION
+    if v["lazy"]:
+        h.compatible_features |= H.COMPAT_LAZY_REFCOUNTS
+    if v["ctype"] == "zstd":
+        h.compression_type = H.COMPRESSION_ZSTD
+        h.incompatible_features |= H.INCOMPAT_COMPRESSION
+    h.backing_file = v["backing_file"]
+    h.backing_format = v["backing_fmt"] if v["backing_file"] else None
+    # QEMU leaves the feature name table out of clusters of 4 KiB and less.
+    first = h.pack(include_feature_table=cs > 4096)
+    with File(filename, read_only=False, create=True) as f:
+        f.pwrite(0, first + bytes(cs - len(first)))
+        # Refcount table with one block at cluster 2, which counts clusters 0..2.
+        table = struct.pack(">Q", 2 * cs) + bytes(cs - 8)
+        block = bytearray(cs)
+        width = 1 << v["refcount_order"]
+        for i in range(3):
+            _set_refcount(block, i, 1, width)
+        f.pwrite(cs, table + bytes(block))
+    if v["size"] == 0 and v["prealloc"] == "off":
+        return
+    _grow(filename, v["size"], v["prealloc"])
+
+
+def _set_refcount(block: bytearray, index: int, value: int, width: int) -> None:
+    if width >= 8:
+        n = width // 8
+        block[index * n:(index + 1) * n] = value.to_bytes(n, "big")
+    else:
+        per = 8 // width
+        byte, slot = divmod(index, per)
+        shift = slot * width
+        block[byte] = (block[byte] & ~(((1 << width) - 1) << shift)) | (value << shift)
+
+
+def _grow(filename: str, size: int, prealloc: str) -> None:
+    """Open the fresh image and give it its size (qcow2_co_truncate)."""
+    from qimg.formats.qcow2 import io
+    from qimg.formats.qcow2.driver import Qcow2Driver, size_to_l1
+    from qimg.protocols.file import File
+
+    f = File(filename, read_only=False)
+    try:
+        d = Qcow2Driver.open(f, read_only=False)
+        d._modified = True
+        if prealloc in ("off", "metadata"):
+            io.truncate(d, size, prealloc, False)
+        else:
+            io.grow_l1(d, size_to_l1(size, d.cluster_bits))
+            _prealloc_data(d, size, prealloc)
+            d.size = d.header.size = size
+            f.pwrite(24, struct.pack(">Q", size))
+        d.flush_metadata()
+        d._modified = False
+    finally:
+        f.close()
+
+
+def _prealloc_data(d: Any, size: int, prealloc: str) -> None:
+    """falloc/full: new refcount structures sized for all the data first,
+    then the data area in one piece, then the L2 tables pointing into it."""
+    import numpy as np
+
+    from qimg.formats.qcow2.cluster import QCOW_OFLAG_COPIED
+    from qimg.formats.qcow2.io import _ensure_l2, _l2_offset
+
+    cb, cs = d.cluster_bits, d.cluster_size
+    refs = d.refs
+    file_size = d.file.size
+    last = -1
+    ncl = -(-file_size // cs)
+    rc = refs.get_range(0, ncl)
+    nz = np.flatnonzero(rc)
+    if len(nz):
+        last = int(nz[-1])
+    old_file_size = (last + 1) * cs if last >= 0 else -(-file_size // cs) * cs
+    nb_data = -(-size // cs)
+    nb_l2 = -(-nb_data // (cs // 8)) + 1
+    start = refs.refcount_area(old_file_size, nb_data + nb_l2, True, 0, 0)
+    got = refs.alloc_at(start, nb_data)
+    assert got == nb_data
+    d.file.truncate(start + nb_data * cs, prealloc)
+    l2_bits = cb - 3
+    ci, host = 0, start
+    while ci < nb_data:
+        i = ci & ((1 << l2_bits) - 1)
+        n = min(nb_data - ci, (1 << l2_bits) - i)
+        tab = _ensure_l2(d, ci >> l2_bits)
+        tab[i:i + n] = (np.uint64(host) + np.arange(n, dtype=np.uint64) * np.uint64(cs)) | np.uint64(QCOW_OFLAG_COPIED)
+        d.map.mark_dirty(_l2_offset(d, ci >> l2_bits))
+        ci += n
+        host += n * cs

@@ -1,0 +1,370 @@
+"""The qcow2 format driver (docs/interop/qcow2.txt).
+
+Opening parses and validates the header only (as QEMU's qcow2_do_open does),
+without numpy: ``qimg info`` must stay light.  The cluster map
+(cluster.py) and the refcounts (refcount.py) are loaded on first I/O.
+
+Metadata is written back lazily, in QEMU's order: data first, then refcount
+blocks, then L2 tables, then L1 entries.  References are only dropped after
+the L2 tables no longer pointing at the clusters are on disk, so a crash
+leaves a consistent image or, at worst, leaked clusters.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from qimg.block.driver import Driver
+from qimg.block.status import ALLOCATED, COMPRESSED as S_COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
+from qimg.errors import QimgError, UnsupportedError
+from qimg.formats.qcow2 import header as H
+from qimg.formats.qcow2.create import CREATE_OPTS
+
+if TYPE_CHECKING:
+    from qimg.formats.qcow2.cluster import ClusterMap
+    from qimg.formats.qcow2.refcount import Refcounts
+
+#: QEMU's limits against hostile headers
+QCOW_MAX_L1_SIZE = 32 << 20
+QCOW_MAX_REFTABLE_SIZE = 8 << 20
+QCOW_MAX_SNAPSHOTS = 65536
+SNAPSHOT_HEADER_SIZE = 40
+INT64_MAX = (1 << 63) - 1
+
+
+def _validate_table_offset(offset: int, entries: int, entry_len: int, cluster_size: int) -> bool:
+    if entries > INT64_MAX // entry_len:
+        return False
+    if INT64_MAX - entries * entry_len < offset:
+        return False
+    return offset % cluster_size == 0
+
+
+def size_to_l1(size: int, cluster_bits: int) -> int:
+    shift = cluster_bits + cluster_bits - 3
+    return (size + (1 << shift) - 1) >> shift
+
+
+class Qcow2Driver(Driver):
+    format_name = "qcow2"
+    create_opts = CREATE_OPTS
+    supports_backing = True
+    supports_resize = True
+    supports_compression = True
+    supports_check = True
+
+    # ---- probing, creation ------------------------------------------------------
+    @classmethod
+    def probe(cls, header: bytes, filename: str) -> int:
+        if len(header) >= 8 and struct.unpack(">II", header[:8]) in ((H.QCOW_MAGIC, 2), (H.QCOW_MAGIC, 3)):
+            return 100
+        return 0
+
+    @classmethod
+    def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
+        from qimg.formats.qcow2.create import create_image
+
+        create_image(filename, size, options)
+
+    # ---- open ---------------------------------------------------------------------
+    def do_open(self, options: dict[str, Any]) -> None:
+        self._map: "ClusterMap | None" = None
+        self._refs: "Refcounts | None" = None
+        self._modified = False
+        self._set_dirty = False
+        self._free_byte_offset = 0
+        self._zcache: tuple[int, bytes] | None = None
+        self._meta_prealloc: bool | None = None
+        self.header = self._read_header()
+        h = self.header
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = h.cluster_size
+        self.size = h.size
+        if h.incompatible_features & H.INCOMPAT_CORRUPT and not self.read_only:
+            raise QimgError("qcow2: Image is corrupt; cannot be opened read/write")
+        if h.incompatible_features & H.INCOMPAT_DIRTY and not self.read_only:
+            self._repair_dirty()
+
+    def _read_header(self) -> H.QCowHeader:
+        buf = self.file.pread(0, 4096)
+        if len(buf) >= 24 and struct.unpack_from(">I", buf, 0)[0] == H.QCOW_MAGIC:
+            bits = struct.unpack_from(">I", buf, 20)[0]
+            if 12 < bits <= H.MAX_CLUSTER_BITS:
+                buf = self.file.pread(0, 1 << bits)
+        if len(buf) < 72 or struct.unpack_from(">I", buf, 0)[0] != H.QCOW_MAGIC:
+            raise QimgError("Image is not in qcow2 format")
+        version, bfo = struct.unpack_from(">IQ", buf, 4)
+        if version in (2, 3):
+            bits = struct.unpack_from(">I", buf, 20)[0]
+            if H.MIN_CLUSTER_BITS <= bits <= H.MAX_CLUSTER_BITS and bfo > (1 << bits):
+                if version == 2 or struct.unpack_from(">I", buf, 100)[0] >= 104:
+                    raise QimgError("Invalid backing file offset")
+        h = H.QCowHeader.parse(buf)
+        self._validate(h)
+        return h
+
+    def _validate(self, h: H.QCowHeader) -> None:
+        cs = h.cluster_size
+        unknown = h.incompatible_features & ~H.INCOMPAT_MASK
+        if unknown:
+            names = []
+            for ftype, bit, name in h.feature_table:
+                if ftype == 0 and unknown & (1 << bit):
+                    names.append(name)
+                    unknown &= ~(1 << bit)
+            if unknown:
+                names.append("Unknown incompatible feature: %x" % unknown)
+            raise UnsupportedError("Unsupported qcow2 feature(s): " + ", ".join(names))
+        if h.refcount_order > 6:
+            raise QimgError("Reference count entry width too large; may not exceed 64 bits")
+        if h.incompatible_features & H.INCOMPAT_COMPRESSION and h.compression_type != H.COMPRESSION_ZSTD:
+            raise QimgError("Invalid compression type: %d" % h.compression_type)
+        if h.compression_type not in (H.COMPRESSION_ZLIB, H.COMPRESSION_ZSTD):
+            raise QimgError("Unknown compression type: %d" % h.compression_type)
+        if h.refcount_table_clusters > QCOW_MAX_REFTABLE_SIZE // cs:
+            raise QimgError("Reference count table too large")
+        if h.refcount_table_clusters == 0:
+            raise QimgError("Image does not contain a reference count table")
+        if not _validate_table_offset(h.refcount_table_offset, h.refcount_table_clusters, cs, cs):
+            raise QimgError("Reference count table offset invalid")
+        if h.crypt_method > 2:
+            raise QimgError(f"Unsupported encryption method {h.crypt_method}")
+        if h.crypt_method:
+            raise UnsupportedError("Encrypted qcow2 images are not supported yet")
+        if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+            raise QimgError("Snapshot table too large")
+        if not _validate_table_offset(h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE, cs):
+            raise QimgError("Snapshot table offset invalid")
+        if h.l1_size > QCOW_MAX_L1_SIZE // 8:
+            raise QimgError("Active L1 table too large")
+        if h.size > INT64_MAX:
+            raise QimgError("Could not refresh total sector count: File too large")
+        l1_vm_state_index = size_to_l1(h.size, h.cluster_bits)
+        if l1_vm_state_index > 0x7FFFFFFF:
+            raise QimgError("Image is too big")
+        if h.l1_size < l1_vm_state_index:
+            raise QimgError("L1 table is too small")
+        if not _validate_table_offset(h.l1_table_offset, h.l1_size, 8, cs):
+            raise QimgError("Active L1 table offset invalid")
+        if h.incompatible_features & H.INCOMPAT_DATA_FILE or h.data_file:
+            raise UnsupportedError("qcow2 images with an external data file are not supported yet")
+        if h.extended_l2:
+            raise UnsupportedError("qcow2 images with extended L2 entries are not supported yet")
+
+    def _repair_dirty(self) -> None:
+        """A dirty image (lazy refcounts) has refcounts to rebuild before
+        writing, as QEMU repairs it on a read-write open."""
+        try:
+            from qimg.formats.qcow2.check import check_image
+        except ImportError:
+            raise UnsupportedError("Repairing a dirty qcow2 image is not supported yet") from None
+        check_image(self, "all")
+        self.drop_caches()
+        self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
+
+    # ---- attributes ------------------------------------------------------------
+    @property
+    def backing_filename(self) -> str | None:
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
+
+    def info_specific(self) -> dict[str, Any] | None:
+        h = self.header
+        data: dict[str, Any] = {"compat": "0.10" if h.version == 2 else "1.1",
+                                "compression-type": H.COMPRESSION_NAMES.get(h.compression_type, "zlib")}
+        if h.version >= 3:
+            data["lazy-refcounts"] = bool(h.compatible_features & H.COMPAT_LAZY_REFCOUNTS)
+        data["refcount-bits"] = h.refcount_bits
+        if h.version >= 3:
+            data["corrupt"] = bool(h.incompatible_features & H.INCOMPAT_CORRUPT)
+            data["extended-l2"] = h.extended_l2
+        return {"type": "qcow2", "data": data}
+
+    def dirty_flag(self) -> bool:
+        return bool(self.header.incompatible_features & H.INCOMPAT_DIRTY)
+
+    def check(self, repair: str | None = None) -> Any:
+        from qimg.formats.qcow2.check import check_image
+
+        return check_image(self, repair)
+
+    # ---- metadata access ---------------------------------------------------------
+    @property
+    def map(self) -> "ClusterMap":
+        if self._map is None:
+            from qimg.formats.qcow2.cluster import ClusterMap
+
+            h = self.header
+            self._map = ClusterMap(self.file, h.cluster_bits, h.l1_table_offset, h.l1_size)
+            self._map.before_l2_flush = self._flush_refs
+        return self._map
+
+    @property
+    def refs(self) -> "Refcounts":
+        if self._refs is None:
+            from qimg.formats.qcow2.refcount import Refcounts
+
+            h = self.header
+            self._refs = Refcounts(self.file, h.cluster_bits, h.refcount_order,
+                                   h.refcount_table_offset, h.refcount_table_clusters)
+        return self._refs
+
+    def _flush_refs(self) -> None:
+        if self._refs is not None:
+            self._refs.flush()
+
+    def drop_caches(self) -> None:
+        """Forget cached metadata (the checker rewrote it in the file)."""
+        self._map = None
+        self._refs = None
+        self._zcache = None
+        self._free_byte_offset = 0
+        self._meta_prealloc = None
+        self.header = self._read_header_unchecked()
+
+    def _read_header_unchecked(self) -> H.QCowHeader:
+        return H.QCowHeader.parse(self.file.pread(0, self.cluster_size))
+
+    # ---- reading -------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        from qimg.formats.qcow2 import io
+
+        return io.read(self, offset, length)
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        from qimg.formats.qcow2 import cluster as C
+
+        length = min(length, self.size - offset)
+        cb = self.cluster_bits
+        ci = offset >> cb
+        last = (offset + length - 1) >> cb
+        kind, n, first = self.map.run(ci, last - ci + 1)
+        run = min(offset + length, (ci + n) << cb) - offset
+        host = None
+        if kind == C.NORMAL:
+            flags = DATA | ALLOCATED | OFFSET_VALID
+            if self._metadata_preallocated():
+                flags |= RECURSE
+        elif kind == C.ZERO_ALLOC:
+            flags = ZERO | ALLOCATED | OFFSET_VALID
+        elif kind == C.ZERO_PLAIN:
+            flags = ZERO | ALLOCATED
+        elif kind == C.COMPRESSED:
+            flags = DATA | ALLOCATED | S_COMPRESSED
+        else:
+            flags = 0
+        if flags & OFFSET_VALID:
+            host = (first & C.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
+        if offset + run >= self.size:
+            flags |= EOF
+        return Extent(offset, run, flags, host, self.file.filename if host is not None else None)
+
+    def _metadata_preallocated(self) -> bool:
+        """QEMU's qcow2_detect_metadata_preallocation: far more clusters are
+        referenced than the file really stores, so data clusters may be
+        holes in the file and block status must ask the file."""
+        if self._meta_prealloc is None:
+            import numpy as np
+
+            try:
+                refs = self.refs
+            except UnsupportedError:
+                self._meta_prealloc = False
+                return False
+            real_clusters = self.file.allocated_size() // self.cluster_size
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            end = -(-self.file.size // self.cluster_size)
+            count = 0
+            pos = 0
+            while pos < end and count < threshold:
+                n = min(1 << 20, end - pos)
+                count += int(np.count_nonzero(refs.get_range(pos, n)))
+                pos += n
+            self._meta_prealloc = count >= threshold
+        return self._meta_prealloc
+
+    # ---- writing -----------------------------------------------------------------------
+    def _writable(self) -> None:
+        if self.read_only:
+            raise QimgError("Image is read-only")
+        if not self._modified:
+            self._modified = True
+            h = self.header
+            if h.compatible_features & H.COMPAT_LAZY_REFCOUNTS and not h.incompatible_features & H.INCOMPAT_DIRTY:
+                self._write_incompat(h.incompatible_features | H.INCOMPAT_DIRTY)
+                self._set_dirty = True
+
+    def _write_incompat(self, value: int) -> None:
+        if self.header.version < 3:
+            return
+        self.file.pwrite(72, struct.pack(">Q", value))
+        self.header.incompatible_features = value
+
+    def write(self, offset: int, data: bytes) -> None:
+        from qimg.formats.qcow2 import io
+
+        self._writable()
+        io.write(self, offset, memoryview(data).cast("B"))
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        from qimg.formats.qcow2 import io
+
+        self._writable()
+        io.write_zeroes(self, offset, length, unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        from qimg.formats.qcow2 import io
+
+        self._writable()
+        io.discard(self, offset, length)
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        """Store one cluster (the last may be short) compressed; when it does
+        not compress it is written as a normal cluster, as QEMU does."""
+        from qimg.formats.qcow2.compress import compress_cluster
+
+        comp = compress_cluster(data, self.cluster_size)
+        if comp is None:
+            self.write(offset, data)
+        else:
+            self.write_compressed_raw(offset, comp)
+
+    def write_compressed_raw(self, offset: int, compressed: bytes) -> None:
+        """Place an already compressed cluster (from compress_cluster, which
+        a copy engine may run in threads) at cluster-aligned guest
+        ``offset``.  Calls must be made in order from one thread."""
+        from qimg.formats.qcow2 import io
+
+        self._writable()
+        io.write_compressed_raw(self, offset, compressed)
+
+    def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
+        from qimg.formats.qcow2 import io
+
+        self._writable()
+        io.truncate(self, size, prealloc, shrink)
+
+    def flush_metadata(self) -> None:
+        """Write cached refcounts, L2 tables and L1 entries, in that order."""
+        if self._refs is not None:
+            self._refs.flush()
+        if self._map is not None:
+            self._map.flush()
+        if self._refs is not None:
+            self._refs.flush()
+
+    def flush(self) -> None:
+        self.flush_metadata()
+        self.file.flush()
+
+    def close(self) -> None:
+        if self._modified and not self.read_only:
+            self.flush_metadata()
+            if self._set_dirty:
+                self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
+                self._set_dirty = False
+            self._modified = False

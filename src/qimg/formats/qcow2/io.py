@@ -1,0 +1,432 @@
+"""qcow2 guest I/O: reads, allocating writes, zero writes, discards,
+compressed clusters, growing the image.
+
+Functions take the open Qcow2Driver (``d``) and work a whole L2 table slice
+at a time: one pread or pwrite per contiguous host run, one vectorized update
+of the L2 entries, one refcount update per allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qimg.errors import QimgError, UnsupportedError
+from qimg.formats.qcow2 import compress as Z
+from qimg.formats.qcow2.cluster import (
+    COMPRESSED, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC,
+    ZERO_PLAIN, classify,
+)
+
+if TYPE_CHECKING:
+    from qimg.formats.qcow2.driver import Qcow2Driver
+
+_U64 = np.uint64
+
+
+# ---- reading -------------------------------------------------------------------
+def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
+    length = max(0, min(length, d.size - offset))
+    out = bytearray(length)
+    view = memoryview(out)
+    cb, cs = d.cluster_bits, d.cluster_size
+    pos, end = offset, offset + length
+    while pos < end:
+        ci = pos >> cb
+        kind, n, first = d.map.run(ci, ((end - 1) >> cb) - ci + 1)
+        run_end = min(end, (ci + n) << cb)
+        if kind == NORMAL:
+            host = (first & L2E_OFFSET_MASK) + (pos & (cs - 1))
+            d.file.preadinto(host, view[pos - offset:run_end - offset])
+        elif kind == COMPRESSED:
+            p = pos
+            while p < run_end:
+                c = p >> cb
+                ent = int(d.map.entries(c, 1)[0])
+                data = _decompressed(d, ent)
+                q = min(run_end, (c + 1) << cb)
+                view[p - offset:q - offset] = data[p - (c << cb):q - (c << cb)]
+                p = q
+        pos = run_end
+    return bytes(out)
+
+
+def _decompressed(d: "Qcow2Driver", entry: int) -> bytes:
+    host, size = Z.parse_descriptor(entry, d.cluster_bits)
+    if d._zcache is not None and d._zcache[0] == host:
+        return d._zcache[1]
+    data = Z.decompress_cluster(d.file.pread(host, size), d.cluster_size)
+    d._zcache = (host, data)
+    return data
+
+
+def _cluster_content(d: "Qcow2Driver", ci: int) -> bytearray:
+    """The guest content of cluster ``ci`` as a read through this layer
+    and the backing chain returns it (the source of copy-on-write)."""
+    cs = d.cluster_size
+    kind, _, first = d.map.run(ci, 1)
+    if kind == NORMAL:
+        return bytearray(d.file.pread(first & L2E_OFFSET_MASK, cs))
+    if kind == COMPRESSED:
+        return bytearray(_decompressed(d, first))
+    if kind == UNALLOCATED and d.backing is not None:
+        start = ci * cs
+        avail = max(0, min(cs, d.backing.size - start))
+        data = d.backing.read(start, avail) if avail else b""
+        return bytearray(data) + bytearray(cs - len(data))
+    return bytearray(cs)
+
+
+# ---- allocation helpers ----------------------------------------------------
+def _ensure_l2(d: "Qcow2Driver", l1_index: int) -> np.ndarray:
+    """The L2 table for ``l1_index``, allocated if needed (l2_allocate)."""
+    m = d.map
+    ent = int(m.l1[l1_index]) if l1_index < len(m.l1) else 0
+    if ent & L2E_OFFSET_MASK:
+        if not ent & QCOW_OFLAG_COPIED:
+            raise UnsupportedError("Writing to qcow2 images with internal snapshots is not supported yet")
+        return m.l2_table(ent & L2E_OFFSET_MASK)
+    if l1_index >= len(m.l1):
+        raise QimgError("Invalid argument")
+    off = d.refs.alloc(d.cluster_size)
+    tab = m.new_l2_table(off)
+    m.l1[l1_index] = _U64(off | QCOW_OFLAG_COPIED)
+    m.l1_dirty.add(l1_index)
+    return tab
+
+
+def _l2_offset(d: "Qcow2Driver", l1_index: int) -> int:
+    return int(d.map.l1[l1_index]) & L2E_OFFSET_MASK
+
+
+def _release(d: "Qcow2Driver", old: np.ndarray) -> None:
+    """Drop the references held by the (already replaced) L2 entries ``old``:
+    write the new L2 tables first, then decrease the refcounts."""
+    kinds = classify(old)
+    hosts = old & _U64(L2E_OFFSET_MASK)
+    plain = np.flatnonzero((kinds == NORMAL) | (kinds == ZERO_ALLOC))
+    comp = np.flatnonzero(kinds == COMPRESSED)
+    if not len(plain) and not len(comp):
+        return
+    d.map.flush()
+    cs = d.cluster_size
+    refs = d.refs
+    if len(plain):
+        hs = np.sort(hosts[plain])
+        # Free contiguous host runs in one update each.
+        breaks = np.flatnonzero(np.diff(hs) != _U64(cs)) + 1
+        for run in np.split(hs, breaks):
+            refs.free(int(run[0]), len(run) * cs)
+    for i in comp:
+        host, size = Z.parse_descriptor(int(old[i]), d.cluster_bits)
+        refs.free(host, size)
+
+
+# ---- writes ------------------------------------------------------------------------
+def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
+    if offset + len(data) > d.size:
+        raise QimgError("Invalid argument")
+    cb, cs = d.cluster_bits, d.cluster_size
+    l2_bits = cb - 3
+    pos, end = offset, offset + len(data)
+    while pos < end:
+        ci = pos >> cb
+        table_end = ((ci >> l2_bits) + 1) << l2_bits
+        last = min((end - 1) >> cb, table_end - 1)
+        ents = d.map.entries(ci, last - ci + 1)
+        kinds = classify(ents)
+        inplace = (kinds == NORMAL) & ((ents & _U64(QCOW_OFLAG_COPIED)) != 0)
+        change = np.flatnonzero(inplace != inplace[0])
+        n = int(change[0]) if len(change) else len(ents)
+        if inplace[0]:
+            _, n, first = d.map.run(ci, n)
+            seg_end = min(end, (ci + n) << cb)
+            host = (first & L2E_OFFSET_MASK) + (pos & (cs - 1))
+            d.file.pwrite(host, data[pos - offset:seg_end - offset])
+            if d._zcache is not None:
+                d._zcache = None
+        else:
+            seg_end = min(end, (ci + n) << cb)
+            _alloc_write(d, ci, n, pos, data[pos - offset:seg_end - offset])
+        pos = seg_end
+
+
+def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) -> None:
+    """Write to ``n`` clusters from ``ci`` (one L2 table) that need new host
+    clusters: one contiguous allocation, one pwrite, copy-on-write for the
+    partial head and tail clusters."""
+    cb, cs = d.cluster_bits, d.cluster_size
+    tab = _ensure_l2(d, ci >> (cb - 3))
+    start = ci << cb
+    head = pos - start
+    tail = (n << cb) - head - len(data)
+    if head or tail:
+        buf = bytearray(n << cb)
+        if head:
+            buf[:cs] = _cluster_content(d, ci)
+        if tail:
+            buf[(n - 1) << cb:] = _cluster_content(d, ci + n - 1)
+        buf[head:head + len(data)] = data
+        payload: memoryview | bytearray = buf
+    else:
+        payload = data
+    host = d.refs.alloc(n << cb)
+    d.file.pwrite(host, payload)
+    i = ci & ((1 << (cb - 3)) - 1)
+    old = tab[i:i + n].copy()
+    tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
+    d.map.mark_dirty(_l2_offset(d, ci >> (cb - 3)))
+    d._zcache = None
+    _release(d, old)
+
+
+def write_compressed_raw(d: "Qcow2Driver", offset: int, comp: bytes) -> None:
+    cb, cs = d.cluster_bits, d.cluster_size
+    if offset & (cs - 1) or offset >= d.size:
+        raise QimgError("Invalid argument")
+    ci = offset >> cb
+    tab = _ensure_l2(d, ci >> (cb - 3))
+    i = ci & ((1 << (cb - 3)) - 1)
+    # Compression cannot overwrite anything (qcow2_alloc_compressed_cluster_offset).
+    if int(tab[i]) & L2E_OFFSET_MASK:
+        raise QimgError("Input/output error")
+    host = _alloc_bytes(d, len(comp))
+    d.file.pwrite(host, comp)
+    tab[i] = _U64(Z.make_descriptor(host, len(comp), cb))
+    d.map.mark_dirty(_l2_offset(d, ci >> (cb - 3)))
+
+
+def _alloc_bytes(d: "Qcow2Driver", size: int) -> int:
+    """Sub-cluster allocation for compressed data, packed one after the
+    other as qcow2_alloc_bytes does; each touched cluster gets a reference."""
+    from qimg.formats.qcow2.refcount import _Again
+
+    refs = d.refs
+    cs = d.cluster_size
+    offset = d._free_byte_offset
+    if offset and refs.get(offset >> d.cluster_bits) == refs.max:
+        offset = 0
+    free_in_cluster = cs - (offset & (cs - 1))
+    while True:
+        if not offset or free_in_cluster < size:
+            new_cluster = refs.alloc_noref(1)
+            if not offset or -(-offset // cs) * cs != new_cluster:
+                offset = new_cluster
+                free_in_cluster = cs
+            else:
+                free_in_cluster += cs
+        try:
+            refs.update(offset, size, 1)
+        except _Again:
+            offset = 0
+            continue
+        break
+    d._free_byte_offset = offset + size
+    if not d._free_byte_offset & (cs - 1):
+        d._free_byte_offset = 0
+    return offset
+
+
+# ---- zeroes and discards -----------------------------------------------------
+def _aligned_range(d: "Qcow2Driver", offset: int, length: int) -> tuple[int, int]:
+    """[start, end) of whole clusters inside the range; a range reaching the
+    image end counts its last partial cluster as whole."""
+    cs = d.cluster_size
+    start = -(-offset // cs) * cs
+    end = offset + length
+    end = d.size if end >= d.size else end // cs * cs
+    if end >= d.size:
+        end = -(-d.size // cs) * cs
+    return start, max(start, end)
+
+
+def _chain_reads_zero(d: "Qcow2Driver", offset: int, length: int) -> bool:
+    """Does the backing chain read as zeroes here (block status, as is_zero)?"""
+    if d.backing is None or length <= 0:
+        return True
+    end = offset + length
+    while offset < end:
+        if offset >= d.backing.size:
+            return True
+        ext, _ = d.backing.chain_status(offset, end - offset)
+        if not ext.zero:
+            return False
+        offset += ext.length
+    return True
+
+
+def write_zeroes(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
+    if length <= 0:
+        return
+    cs, cb = d.cluster_size, d.cluster_bits
+    end = offset + length
+    pos = offset
+    while pos < end:
+        cstart = pos // cs * cs
+        cend = min(cstart + cs, d.size) if cstart + cs >= d.size else cstart + cs
+        if pos > cstart or end < cend:
+            # A partial cluster: zero the whole cluster if the rest of it
+            # already reads as zeroes, else write zeroes (qcow2_co_pwrite_zeroes).
+            seg_end = min(end, cend)
+            kind, _, _ = d.map.run(pos >> cb, 1)
+            rest_zero = kind in (ZERO_PLAIN, ZERO_ALLOC) or (
+                kind == UNALLOCATED and _chain_reads_zero(d, cstart, pos - cstart)
+                and _chain_reads_zero(d, seg_end, cend - seg_end))
+            if rest_zero and d.header.version >= 3:
+                _zeroize(d, cstart, cs, unmap)
+            elif rest_zero and kind == UNALLOCATED and d.backing is None:
+                pass  # v2 without backing: unallocated already reads as zeroes
+            else:
+                write(d, pos, memoryview(bytes(seg_end - pos)))
+            pos = seg_end
+            continue
+        # Whole clusters up to the last complete one.
+        last_end = end // cs * cs if end < d.size else -(-d.size // cs) * cs
+        _zeroize_or_write(d, pos, last_end - pos, unmap)
+        pos = min(end, last_end)
+
+
+def _zeroize_or_write(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
+    if d.header.version >= 3:
+        _zeroize(d, offset, length, unmap)
+    elif d.backing is None:
+        _discard_clusters(d, offset, length)
+    else:
+        chunk = 4 << 20
+        zero = bytes(min(chunk, length))
+        pos, end = offset, min(offset + length, d.size)
+        while pos < end:
+            n = min(chunk, end - pos)
+            write(d, pos, memoryview(zero)[:n])
+            pos += n
+
+
+def _zeroize(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
+    """Set the zero flag on whole clusters (zero_in_l2_slice)."""
+    cb = d.cluster_bits
+    l2_bits = cb - 3
+    ci, last = offset >> cb, (offset + length - 1) >> cb
+    while ci <= last:
+        l1i = ci >> l2_bits
+        i = ci & ((1 << l2_bits) - 1)
+        n = min(last + 1 - ci, (1 << l2_bits) - i)
+        tab = _ensure_l2(d, l1i)
+        old = tab[i:i + n].copy()
+        kinds = classify(old)
+        drop = (kinds == COMPRESSED) | (unmap & ((kinds == NORMAL) | (kinds == ZERO_ALLOC)))
+        new = np.where(drop, _U64(0), old) | _U64(QCOW_OFLAG_ZERO)
+        if (new != old).any():
+            tab[i:i + n] = new
+            d.map.mark_dirty(_l2_offset(d, l1i))
+            d._zcache = None
+            _release(d, np.where(drop, old, _U64(0)))
+        ci += n
+
+
+def discard(d: "Qcow2Driver", offset: int, length: int) -> None:
+    """qcow2_co_pdiscard: whole clusters only; on v3 they then read as
+    zeroes, on v2 without a backing file they are deallocated, and on v2
+    with one nothing happens (stale backing data must not show through)."""
+    if d.header.version < 3 and d.backing is not None:
+        return
+    start, end = _aligned_range(d, offset, length)
+    if end > start:
+        _discard_clusters(d, start, end - start)
+
+
+def _discard_clusters(d: "Qcow2Driver", offset: int, length: int) -> None:
+    cb = d.cluster_bits
+    l2_bits = cb - 3
+    v3 = d.header.version >= 3
+    ci, last = offset >> cb, (offset + length - 1) >> cb
+    while ci <= last:
+        l1i = ci >> l2_bits
+        i = ci & ((1 << l2_bits) - 1)
+        n = min(last + 1 - ci, (1 << l2_bits) - i)
+        old = d.map.entries(ci, n).copy()
+        kinds = classify(old)
+        allocated = (kinds == NORMAL) | (kinds == ZERO_ALLOC) | (kinds == COMPRESSED)
+        touch = allocated | (d.backing is not None)
+        new = np.where(touch, _U64(QCOW_OFLAG_ZERO if v3 else 0), old)
+        if (new != old).any():
+            tab = _ensure_l2(d, l1i)
+            tab[i:i + n] = new
+            d.map.mark_dirty(_l2_offset(d, l1i))
+            d._zcache = None
+            _release(d, np.where(allocated, old, _U64(0)))
+        ci += n
+
+
+# ---- growing -------------------------------------------------------------------
+def grow_l1(d: "Qcow2Driver", new_size: int) -> None:
+    """Move the L1 table to a new, larger place (qcow2_grow_l1_table, exact size)."""
+    m = d.map
+    if new_size <= len(m.l1):
+        return
+    d.flush_metadata()
+    new = np.zeros(new_size, dtype=_U64)
+    new[:len(m.l1)] = m.l1
+    off = d.refs.alloc(new_size * 8)
+    d.refs.flush()
+    d.file.pwrite(off, new.astype(">u8").tobytes())
+    d.file.pwrite(36, struct.pack(">IQ", new_size, off))
+    old_off, old_size = m.l1_offset, len(m.l1)
+    m.l1 = new
+    m.l1_offset = off
+    d.header.l1_size, d.header.l1_table_offset = new_size, off
+    d.refs.free(old_off, old_size * 8)
+
+
+def truncate(d: "Qcow2Driver", size: int, prealloc: str, shrink: bool) -> None:
+    from qimg.formats.qcow2.driver import size_to_l1
+
+    if size < d.size:
+        raise UnsupportedError("qcow2 doesn't support shrinking images yet")
+    if prealloc not in ("off", "metadata"):
+        raise UnsupportedError(f"Unsupported preallocation mode '{prealloc}'")
+    old = d.size
+    grow_l1(d, size_to_l1(size, d.cluster_bits))
+    d.size = d.header.size = size
+    d.flush_metadata()
+    d.file.pwrite(24, struct.pack(">Q", size))
+    if prealloc == "metadata":
+        preallocate_metadata(d, old, size)
+
+
+def preallocate_metadata(d: "Qcow2Driver", start: int, end: int) -> None:
+    """Allocate L2 tables and data clusters for [start, end) without writing
+    data (preallocate_co): per L2 table, the table first, then its data
+    clusters in one contiguous run; the file is then extended to cover them."""
+    cb, cs = d.cluster_bits, d.cluster_size
+    l2_bits = cb - 3
+    max_clusters = ((1 << 31) - 1 - 511) >> cb  # BDRV_REQUEST_MAX_BYTES
+    ci = start >> cb
+    last = (end - 1) >> cb if end > start else ci - 1
+    host_end = 0
+    while ci <= last:
+        l1i = ci >> l2_bits
+        i = ci & ((1 << l2_bits) - 1)
+        n = min(last + 1 - ci, (1 << l2_bits) - i, max_clusters)
+        tab = _ensure_l2(d, l1i)
+        ents = tab[i:i + n]
+        need = classify(ents) == UNALLOCATED
+        skip = np.flatnonzero(~need)
+        if len(skip):
+            if skip[0] == 0:
+                ci += 1
+                continue
+            n = int(skip[0])
+        host = d.refs.alloc(n << cb)
+        tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
+        d.map.mark_dirty(_l2_offset(d, l1i))
+        host_end = host + (n << cb)
+        ci += n
+        # QEMU's allocation loop goes on with the next L2 table (allocating
+        # it) before it finds it cannot extend the data run contiguously.
+        if ci <= last and not (ci & ((1 << l2_bits) - 1)) and n == (1 << l2_bits) - i:
+            _ensure_l2(d, ci >> l2_bits)
+    d.flush_metadata()
+    if host_end > d.file.size:
+        d.file.truncate(host_end)
