@@ -122,6 +122,11 @@ def _release(d: "Qcow2Driver", old: np.ndarray) -> None:
     for i in comp:
         host, size = Z.parse_descriptor(int(old[i]), d.cluster_bits)
         refs.free(host, size)
+    # Packing compressed data must not go on in a cluster that was just
+    # freed (it may be handed out whole next).
+    fbo = d._free_byte_offset
+    if fbo and refs.get(fbo >> d.cluster_bits) == 0:
+        d._free_byte_offset = 0
 
 
 # ---- writes ------------------------------------------------------------------------
@@ -194,6 +199,7 @@ def write_compressed_raw(d: "Qcow2Driver", offset: int, comp: bytes) -> None:
         raise QimgError("Input/output error")
     host = _alloc_bytes(d, len(comp))
     d.file.pwrite(host, comp)
+    d._zcache = None
     tab[i] = _U64(Z.make_descriptor(host, len(comp), cb))
     d.map.mark_dirty(_l2_offset(d, ci >> (cb - 3)))
 
