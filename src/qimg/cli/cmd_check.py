@@ -10,9 +10,17 @@ from __future__ import annotations
 import sys
 
 from qimg.cli import args
-from qimg.cli.common import add_object, check_cache, open_image
+from qimg.cli.common import add_object, check_cache, image_opts
 from qimg.errors import QimgError
 from qimg.ops import check as ops_check
+
+
+_RAW_PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, "
+    "write operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+)
 
 
 def run(prog: str, argv: list[str]) -> int:
@@ -57,8 +65,14 @@ def run(prog: str, argv: list[str]) -> int:
     check_cache(cache, source=True)
     if force_share and repair is not None:
         raise QimgError(f"Could not open '{name}': force-share=on can only be used with read-only images")
-    img = open_image(name, fmt, read_only=repair is None, force_share=force_share,
-                     use_image_opts=use_image_opts)
+    filename, open_options = name, None
+    if use_image_opts:
+        if fmt:
+            raise QimgError("--image-opts and --format are mutually exclusive")
+        filename, fmt, open_options = image_opts(name)
+    img = ops_check.open_for_check(filename, fmt, repair, open_options=open_options, display_name=name)
+    if img.probed and img.format == "raw" and repair is not None:
+        sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))
     out = sys.stdout
     try:
         def repaired(result: ops_check.CheckResult) -> None:

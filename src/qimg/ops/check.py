@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 #: exit status of qemu-img check for a format that cannot be checked
 NOT_SUPPORTED = 63
 REPAIR_MODES = ("leaks", "all")
+#: the open option that tells a driver it is opened for check (BDRV_O_CHECK)
+CHECK_OPTION = "check"
 
 
 def check_image(img: "Image", repair: str | None = None, display_name: str | None = None,
@@ -51,6 +53,23 @@ def _collect(img: "Image", repair: str | None, display_name: str | None) -> Chec
     return result
 
 
+def open_for_check(filename: str, fmt: str | None = None, repair: str | None = None, *,
+                   open_options: dict[str, Any] | None = None,
+                   display_name: str | None = None) -> "Image":
+    """Open as qemu-img check does: read-only unless repairing, with the
+    backing chain, and in check mode (BDRV_O_CHECK): the driver must then
+    neither refuse a corrupt image nor repair a dirty one on its own."""
+    from qimg.block.image import open_image
+
+    name = display_name or filename
+    options = dict(open_options or {})
+    options[CHECK_OPTION] = True
+    try:
+        return open_image(filename, fmt, read_only=repair is None, options=options)
+    except QimgError as e:
+        raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
+
+
 def check(filename: str, fmt: str | None = None, repair: str | None = None, *,
           open_options: dict[str, Any] | None = None, display_name: str | None = None,
           on_repaired: Callable[[CheckResult], None] | None = None) -> CheckResult:
@@ -59,17 +78,11 @@ def check(filename: str, fmt: str | None = None, repair: str | None = None, *,
 
     Returns the CheckResult; ``result.exit_code`` is qemu-img's status.
     """
-    from qimg.block.image import open_image
-
-    name = display_name or filename
     if repair not in (None, *REPAIR_MODES):
         raise QimgError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
+    img = open_for_check(filename, fmt, repair, open_options=open_options, display_name=display_name)
     try:
-        img = open_image(filename, fmt, read_only=repair is None, options=open_options or None)
-    except QimgError as e:
-        raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
-    try:
-        return check_image(img, repair, name, on_repaired)
+        return check_image(img, repair, display_name or filename, on_repaired)
     finally:
         img.close()
 
