@@ -57,15 +57,40 @@ def open_for_check(filename: str, fmt: str | None = None, repair: str | None = N
                    open_options: dict[str, Any] | None = None,
                    display_name: str | None = None) -> "Image":
     """Open as qemu-img check does: read-only unless repairing, with the
-    backing chain, and in check mode (BDRV_O_CHECK): the driver must then
-    neither refuse a corrupt image nor repair a dirty one on its own."""
+    backing chain, and in check mode (QEMU's BDRV_O_CHECK), where a driver
+    neither refuses a corrupt image nor repairs a dirty one by itself: the
+    check is what repairs it.
+
+    Check mode is asked for with the CHECK_OPTION open option, and also
+    ensured by opening read-only and only then giving the driver a writable
+    file, before it has cached or written anything.
+    """
     from qimg.block.image import open_image
+    from qimg.formats import get_driver
+    from qimg.protocols.file import File
 
     name = display_name or filename
     options = dict(open_options or {})
     options[CHECK_OPTION] = True
     try:
-        return open_image(filename, fmt, read_only=repair is None, options=options)
+        if repair is not None and fmt is not None and not get_driver(fmt).supports_write:
+            raise QimgError(f"Could not open '{filename}': Driver '{fmt}' does not support write access")
+        img = open_image(filename, fmt, read_only=True, options=options)
+        if repair is not None:
+            driver = img.driver
+            if not driver.supports_write:
+                img.close()
+                raise QimgError(f"Could not open '{filename}': Driver '{img.format}' does not support write access")
+            try:
+                writable = File(driver.file.filename, read_only=False)
+            except QimgError:
+                img.close()
+                raise
+            driver.file.close()
+            driver.file = writable
+            driver.read_only = False
+            img.read_only = False
+        return img
     except QimgError as e:
         raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
 
