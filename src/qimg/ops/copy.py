@@ -228,14 +228,19 @@ def _align_file_end(target: Image) -> None:
         f.truncate(size + SECTOR - size % SECTOR)
 
 
-def _read_chunk(job: CopyJob, chunk: Chunk) -> bytearray:
+def _read_chunk(job: CopyJob, chunk: Chunk) -> bytes | bytearray:
     """The chunk's guest bytes, padded with zeroes to whole sectors.  A
     compressed cluster may span the end of one source and the start of the
     next (convert_co_read)."""
-    buf = bytearray()
     sector, left = chunk.sector, chunk.sectors
     src_start = sum(job.src_sectors[: chunk.src])
     src = chunk.src
+    if sector + left <= src_start + job.src_sectors[src]:
+        # the common case: one read from one source, no copy
+        length = left * SECTOR
+        data = job.sources[src].read((sector - src_start) * SECTOR, length)
+        return data if len(data) == length else data + bytes(length - len(data))
+    buf = bytearray()
     while left > 0:
         while sector - src_start >= job.src_sectors[src]:
             src_start += job.src_sectors[src]
@@ -289,7 +294,8 @@ class _Compressor:
     def __init__(self, job: CopyJob) -> None:
         self.cluster_size = job.cluster_sectors * SECTOR
         self.fn: Callable[[bytes, int], bytes | None] | None = None
-        if job.target.format == "qcow2":
+        # the fast path knows zlib only; other methods go through the driver
+        if job.target.format == "qcow2" and getattr(getattr(job.target.driver, "header", None), "compression_type", 0) == 0:
             from qimg.formats.qcow2.compress import compress_cluster
 
             self.fn = compress_cluster
