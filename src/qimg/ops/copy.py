@@ -14,6 +14,7 @@ and the sparse layout of the output byte-identical to qemu-img's.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -118,8 +119,10 @@ class CopyJob:
         return 1 << (max(self.min_sparse, 1).bit_length() - 1)
 
 
-def plan(job: CopyJob) -> Iterator[Chunk]:
-    """The chunks of the copy, in order (convert_iteration_sectors)."""
+def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
+    """The chunks of the copy, in order (convert_iteration_sectors).
+    ``locks`` (one per source, or None) guard the sources' drivers against
+    the reader threads."""
     total = job.total_sectors
     sector = 0
     src = 0
@@ -142,7 +145,12 @@ def plan(job: CopyJob) -> Iterator[Chunk]:
             local = sector - src_start
             n = min(n, job.src_sectors[src] - local)
             offset = local * SECTOR
-            flags, count = block_status_above(img, offset, n * SECTOR, job.target_has_backing)
+            lock = locks[src] if locks else None
+            if lock is None:
+                flags, count = block_status_above(img, offset, n * SECTOR, job.target_has_backing)
+            else:
+                with lock:
+                    flags, count = block_status_above(img, offset, n * SECTOR, job.target_has_backing)
             if count <= 0:
                 # the rounded-up tail sector past the source's end reads as zeroes
                 flags, count = ZERO, n * SECTOR
@@ -184,13 +192,17 @@ def _counts(job: CopyJob, chunk: Chunk) -> bool:
 
 def run(job: CopyJob) -> None:
     """Copy all sources into the target; QimgError/OSError on failure."""
-    chunks: Iterator[Chunk] | list[Chunk] = plan(job)
+    locks = [None if img.format == "raw" and img.backing is None else threading.Lock() for img in job.sources]
+    chunks: Iterator[Chunk] | list[Chunk] = plan(job, locks)
     total_alloc = 0
     if job.progress is not None:
         chunks = list(chunks)
         total_alloc = sum(c.sectors for c in chunks if _counts(job, c))
     done = 0
     compressor = _compressor(job) if job.compressed else None
+    # A raw target has no allocation order to keep: workers write to it
+    # directly.  Other formats get their writes from this thread, in order.
+    direct = job.target.format == "raw" and compressor is None
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         pending: deque[tuple[Chunk, Future | None]] = deque()
         it = iter(chunks)
@@ -203,19 +215,40 @@ def run(job: CopyJob) -> None:
                     break
                 fut = None
                 if chunk.status == BLK_DATA:
-                    fut = pool.submit(_read_chunk, job, chunk)
                     if compressor is not None:
-                        fut = compressor.submit(pool, fut)
+                        fut = compressor.submit(pool, pool.submit(_read_chunk, job, chunk, locks))
+                    else:
+                        fut = pool.submit(_produce, job, chunk, locks, direct)
+                elif direct:
+                    fut = pool.submit(_write_chunk, job, chunk, None, None)
                 pending.append((chunk, fut))
             if not pending:
                 break
             chunk, fut = pending.popleft()
+            result = fut.result() if fut is not None else None
             if job.progress is not None and _counts(job, chunk):
                 done += chunk.sectors
                 job.progress(100.0 * done / total_alloc)
-            _write_chunk(job, chunk, fut.result() if fut is not None else None, compressor)
+            if compressor is not None:
+                _write_chunk(job, chunk, result, compressor)
+            elif not direct:
+                _write_chunk(job, chunk, result, None)
     if compressor is not None:
         _align_file_end(job.target)
+
+
+def _produce(job: CopyJob, chunk: Chunk, locks: list, direct: bool) -> tuple[bytes | bytearray, list] | None:
+    """Worker: read a data chunk and find its zero runs while the buffer is
+    still in the CPU cache; with ``direct`` also write it out."""
+    data = _read_chunk(job, chunk, locks)
+    if job.min_sparse:
+        runs = classify(data, chunk.sector, job.min_sparse, job.alignment)
+    else:
+        runs = [(0, chunk.sectors, True)]
+    if direct:
+        _write_runs(job, chunk, data, runs)
+        return None
+    return data, runs
 
 
 def _align_file_end(target: Image) -> None:
@@ -228,7 +261,7 @@ def _align_file_end(target: Image) -> None:
         f.truncate(size + SECTOR - size % SECTOR)
 
 
-def _read_chunk(job: CopyJob, chunk: Chunk) -> bytes | bytearray:
+def _read_chunk(job: CopyJob, chunk: Chunk, locks: list) -> bytes | bytearray:
     """The chunk's guest bytes, padded with zeroes to whole sectors.  A
     compressed cluster may span the end of one source and the start of the
     next (convert_co_read)."""
@@ -238,7 +271,7 @@ def _read_chunk(job: CopyJob, chunk: Chunk) -> bytes | bytearray:
     if sector + left <= src_start + job.src_sectors[src]:
         # the common case: one read from one source, no copy
         length = left * SECTOR
-        data = job.sources[src].read((sector - src_start) * SECTOR, length)
+        data = _locked_read(job.sources[src], locks[src], (sector - src_start) * SECTOR, length)
         return data if len(data) == length else data + bytes(length - len(data))
     buf = bytearray()
     while left > 0:
@@ -247,13 +280,22 @@ def _read_chunk(job: CopyJob, chunk: Chunk) -> bytes | bytearray:
             src += 1
         n = min(left, job.src_sectors[src] - (sector - src_start))
         length = n * SECTOR
-        data = job.sources[src].read((sector - src_start) * SECTOR, length)
+        data = _locked_read(job.sources[src], locks[src], (sector - src_start) * SECTOR, length)
         buf += data
         if len(data) < length:
             buf += bytes(length - len(data))
         sector += n
         left -= n
     return buf
+
+
+def _locked_read(img: Image, lock: threading.Lock | None, offset: int, length: int) -> bytes:
+    """Format drivers keep caches that are not thread-safe: one reader at a
+    time per source, except plain raw files (a bare pread)."""
+    if lock is None:
+        return img.read(offset, length)
+    with lock:
+        return img.read(offset, length)
 
 
 def _write_chunk(job: CopyJob, chunk: Chunk, data, compressor) -> None:
@@ -269,15 +311,19 @@ def _write_chunk(job: CopyJob, chunk: Chunk, data, compressor) -> None:
     if compressor is not None:
         compressor.place(job, chunk, data)
         return
-    if not job.min_sparse:
-        _write_data(target, offset, data)
-        return
+    buf, runs = data
+    _write_runs(job, chunk, buf, runs)
+
+
+def _write_runs(job: CopyJob, chunk: Chunk, data, runs: list[tuple[int, int, bool]]) -> None:
+    target = job.target
+    offset = chunk.sector * SECTOR
     view = memoryview(data)
-    for first, count, is_data in classify(view, chunk.sector, job.min_sparse, job.alignment):
+    for first, count, is_data in runs:
         start = first * SECTOR
         end = start + count * SECTOR
         if is_data:
-            _write_data(target, offset + start, view[start:end])
+            _write_data(target, offset + start, view[start:end] if count != chunk.sectors else data)
         elif not job.has_zero_init:
             target.write_zeroes(offset + start, end - start, unmap=True)
 
