@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from qimg.block.image import Image
-from qimg.block.status import ALLOCATED, DATA, EOF, RECURSE, ZERO
+from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO
 from qimg.ops.zeroes import classify, is_zero
 
 SECTOR = 512
@@ -47,16 +47,34 @@ def block_status_above(img: Image, offset: int, length: int, top_only: bool = Fa
     sees it: through the whole chain (``top_only``: only the top layer, the
     base being its backing file).  ALLOCATED tells a layer defines the run;
     a run past the end of a shorter backing file reads as allocated zeroes."""
+    flags, pnum, _host = _status_above(img, offset, length, top_only)
+    return flags, pnum
+
+
+#: formats whose OFFSET_VALID data extents may be read straight from the file
+_DIRECT_FORMATS = ("raw", "qcow2")
+
+
+def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple[int, int, int | None]:
+    """block_status_above, plus the host offset when the run is plain data
+    of the top layer that can be read straight from its data file."""
     ext = img.block_status(offset, length)
     flags, pnum = ext.flags & ~RECURSE, ext.length
     below = img.backing
     if pnum == 0 or ext.allocated or below is None:
-        return flags, pnum
+        host = None
+        if (
+            flags & (DATA | ZERO | OFFSET_VALID | COMPRESSED) == DATA | OFFSET_VALID
+            and img.format in _DIRECT_FORMATS
+            and ext.file == img.driver.data_node.filename
+        ):
+            host = ext.host_offset
+        return flags, pnum, host
     if top_only:
         # qemu adds ZERO where the backing file is too short to reach
         if offset >= below.size:
             flags |= ZERO
-        return flags, pnum
+        return flags, pnum, None
     eof = offset + pnum if flags & EOF else -1
     p: Image | None = below
     while p is not None:
@@ -71,7 +89,7 @@ def block_status_above(img: Image, offset: int, length: int, top_only: bool = Fa
         p = p.backing
     if offset + pnum == eof:
         flags |= EOF
-    return flags, pnum
+    return flags, pnum, None
 
 
 @dataclass
@@ -82,6 +100,9 @@ class Chunk:
     sectors: int
     status: str
     src: int
+    #: where the chunk's data lies in the source's data file, when it can be
+    #: read from there directly (plain data of the top layer)
+    host: int | None = None
 
 
 @dataclass
@@ -129,6 +150,7 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
     src_start = 0
     next_status = 0
     status = BLK_DATA
+    status_sector, status_host = 0, None
     while sector < total:
         while sector - src_start >= job.src_sectors[src]:
             src_start += job.src_sectors[src]
@@ -147,10 +169,11 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
             offset = local * SECTOR
             lock = locks[src] if locks else None
             if lock is None:
-                flags, count = block_status_above(img, offset, n * SECTOR, job.target_has_backing)
+                flags, count, host = _status_above(img, offset, n * SECTOR, job.target_has_backing)
             else:
                 with lock:
-                    flags, count = block_status_above(img, offset, n * SECTOR, job.target_has_backing)
+                    flags, count, host = _status_above(img, offset, n * SECTOR, job.target_has_backing)
+            status_sector, status_host = sector, host
             if count <= 0:
                 # the rounded-up tail sector past the source's end reads as zeroes
                 flags, count = ZERO, n * SECTOR
@@ -179,7 +202,15 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
                 chunk_status = BLK_DATA
             else:
                 n -= n % job.cluster_sectors
-        yield Chunk(sector, n, chunk_status, src)
+        host = None
+        if (
+            status_host is not None
+            and chunk_status == status == BLK_DATA
+            and sector + n <= next_status
+            and (sector + n - src_start) * SECTOR <= job.sources[src].size
+        ):
+            host = status_host + (sector - status_sector) * SECTOR
+        yield Chunk(sector, n, chunk_status, src, host)
         sector += n
         if job.compressed and chunk_status != status:
             # qemu changes s->status itself; the next chunk re-reads status
@@ -266,6 +297,10 @@ def _read_chunk(job: CopyJob, chunk: Chunk, locks: list) -> bytes | bytearray:
     compressed cluster may span the end of one source and the start of the
     next (convert_co_read)."""
     sector, left = chunk.sector, chunk.sectors
+    if chunk.host is not None:
+        buf = bytearray(left * SECTOR)
+        job.sources[chunk.src].driver.data_node.preadinto(chunk.host, memoryview(buf))
+        return buf
     src_start = sum(job.src_sectors[: chunk.src])
     src = chunk.src
     if sector + left <= src_start + job.src_sectors[src]:
