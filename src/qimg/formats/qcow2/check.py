@@ -130,6 +130,9 @@ class RefcountView:
         #: log2 of the refcount entries in one block
         self.block_bits = cluster_bits + 3 - refcount_order
         self._blocks: dict[int, np.ndarray | str | None] = {}
+        #: lookups of clusters below this use one dense array of refcounts
+        self.dense_limit = 1 << 22
+        self._dense: tuple[np.ndarray, np.ndarray] | None = None
         #: called once per bad block met: (refblock offset, reftable index)
         self._on_bad = on_bad
 
@@ -174,24 +177,45 @@ class RefcountView:
         return self.block(index)
 
     def lookup(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(refcounts, unreadable mask) of arbitrary cluster indexes; blocks
-        are visited in the order of the first cluster that needs each."""
+        """(refcounts, unreadable mask) of arbitrary cluster indexes (uint64)."""
         values = np.zeros(len(clusters), dtype=np.uint64)
         bad = np.zeros(len(clusters), dtype=bool)
         if not len(clusters):
             return values, bad
+        top = int(clusters.max())
+        if top < self.dense_limit:
+            return self._lookup_dense(clusters, top + 1)
         blocks = clusters >> np.uint64(self.block_bits)
-        uniq, first = np.unique(blocks, return_index=True)
-        for b in uniq[np.argsort(first, kind="stable")]:
-            if b >= len(self.reftable):
-                continue
-            blk = self.block(int(b))
-            sel = blocks == b
+        # Only blocks the reftable has can hold a refcount (others read 0).
+        inside = blocks < np.uint64(len(self.reftable))
+        if not inside.any():
+            return values, bad
+        uniq, first, inverse = np.unique(blocks[inside], return_index=True, return_inverse=True)
+        within = (clusters[inside] & np.uint64((1 << self.block_bits) - 1)).astype(np.int64)
+        # One row per block the clusters need, decoded once, then one gather.
+        table = np.zeros((len(uniq), 1 << self.block_bits), dtype=np.uint64)
+        row_bad = np.zeros(len(uniq), dtype=bool)
+        for row in np.argsort(first, kind="stable").tolist():
+            blk = self.block(int(uniq[row]))
             if blk is BAD:
-                bad[sel] = True
+                row_bad[row] = True
             elif blk is not None:
-                values[sel] = blk[(clusters[sel] & np.uint64((1 << self.block_bits) - 1)).astype(np.int64)]  # type: ignore[index]
+                table[row] = blk  # type: ignore[assignment]
+        values[inside] = table[inverse, within]
+        bad[inside] = row_bad[inverse]
         return values, bad
+
+    def _lookup_dense(self, clusters: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """lookup through one array of all refcounts up to ``n`` (cached)."""
+        if self._dense is None or len(self._dense[0]) < n:
+            self._dense = self.range(max(n, self.dense_limit // 4))
+        values, bad = self._dense
+        idx = clusters.astype(np.int64)
+        hit = bad[idx]
+        if hit.any():
+            # get_refcount reports an unusable block when it first meets it.
+            self.block(int(idx[np.argmax(hit)]) >> self.block_bits)
+        return values[idx], hit
 
     def set(self, cluster: int, value: int) -> None:
         """Write one refcount in place (its block must exist and be good)."""
@@ -200,6 +224,8 @@ class RefcountView:
         assert isinstance(blk, np.ndarray)
         within = cluster & ((1 << self.block_bits) - 1)
         blk[within] = value
+        if self._dense is not None and cluster < len(self._dense[0]):
+            self._dense[0][cluster] = value
         offset = int(self.reftable[index]) & REFT_OFFSET_MASK
         if self.order >= 3:
             width = 1 << (self.order - 3)
@@ -285,6 +311,7 @@ class Qcow2Checker:
         entries = clusters * self.cs // 8
         self.view = RefcountView(self.file, _read_u64s(self.file, offset, entries),
                                  self.cluster_bits, self.order, self._signal_bad_refblock)
+        self.view.dense_limit = max(1 << 22, 2 * -(-self.file.size // self.cs))
 
     def _signal_bad_refblock(self, offset: int, index: int) -> None:
         self._signal(f"Refblock offset {_hx(offset)} unaligned (reftable index: {_hx(index)})")
@@ -526,7 +553,7 @@ class Qcow2Checker:
         counts = np.bincount(refs, minlength=n).astype(_U64)
         if len(refs) and int(counts.max()) > self.refcount_max:
             slots = np.concatenate(p.ref_slots)
-            order = np.argsort(refs, kind="stable")
+            order = np.lexsort((slots, refs))
             ranked = refs[order]
             group_start = np.searchsorted(ranked, ranked, side="left")
             over = np.sort(order[np.arange(len(ranked)) - group_start >= self.refcount_max])
@@ -607,7 +634,7 @@ class Qcow2Checker:
         if self.extl2:
             entries, bitmaps = raw[:, 0::2], raw[:, 1::2]
         else:
-            entries, bitmaps = raw, np.zeros_like(raw)
+            entries, bitmaps = raw, raw  # no bitmaps: replaced by zeroes below if needed
         base = p.slot
         p.slot += rows * (n + 1)
         row_slot = base + np.arange(rows, dtype=np.int64) * (n + 1)
@@ -623,6 +650,10 @@ class Qcow2Checker:
                       f"ERROR l2_offset={int(l2off[r]):x}: Table is not cluster aligned; L1 entry corrupted")
         res.corruptions += int(reserved_l1.sum() + unaligned_l2.sum())
 
+        if self._plain_tables(p, res, entries, l2off, base, frag):
+            return
+        if not self.extl2:
+            bitmaps = np.zeros_like(raw)
         e = entries
         comp = (e & _U64(OFLAG_COMPRESSED)) != 0
         zero = ((e & _U64(OFLAG_ZERO)) != 0) & ~comp if not self.extl2 else np.zeros_like(comp)
@@ -717,6 +748,36 @@ class Qcow2Checker:
         all_valid = np.concatenate([np.ones((rows, 1), dtype=bool), valid], axis=1).ravel()
         slots = base + np.arange(rows * (n + 1), dtype=np.int64)
         self._inc_many(p, res, slots, all_starts, all_sizes, all_valid)
+
+    def _plain_tables(self, p: _Pass, res: CheckResult, e: np.ndarray, l2off: np.ndarray, base: int,
+                      frag: bool) -> bool:
+        """The common case, fast: L2 tables with nothing to report (no
+        compressed, reserved, unaligned or out-of-file entries, standard
+        entries, no data file).  False when the general path must run."""
+        if self.extl2 or self.has_data_file:
+            return False
+        cs, n = self.cs, self.l2_entries
+        suspicious = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF)
+        if ((e & _U64(suspicious)) != 0).any():
+            return False
+        offs = (e & _U64(L2E_OFFSET_MASK)).view(np.int64)
+        used = offs != 0
+        flat = np.flatnonzero(used)
+        data = offs.ravel()[flat]
+        if len(data) and int(data.max()) >= p.file_len:
+            return False
+        rows = len(l2off)
+        if frag:
+            res.allocated_clusters = (res.allocated_clusters or 0) + len(flat)
+            res.compressed_clusters = res.compressed_clusters or 0
+            row = flat // n
+            jumps = (row[1:] == row[:-1]) & (data[1:] != data[:-1] + cs)
+            res.fragmented_clusters = (res.fragmented_clusters or 0) + int(jumps.sum())
+        table_slots = base + np.arange(rows, dtype=np.int64) * (n + 1)
+        self._inc_many(p, res, table_slots, l2off, np.full(rows, cs, dtype=np.int64), np.ones(rows, dtype=bool))
+        p.refs.append(data >> self.cluster_bits)
+        p.ref_slots.append(base + flat + flat // n + 1)
+        return True
 
     def _fragmented(self, counted: np.ndarray, offs: np.ndarray) -> int:
         """Allocated clusters not right after the previous one of the same
@@ -996,23 +1057,25 @@ class Qcow2Checker:
             keep = ~l2_bad
             idx, l2off, l2_rc = idx[keep], l2off[keep], l2_rc[keep]
             raw = self._read_l2(l2off)
-            e = raw[:, 0::2] if self.extl2 else raw
-            comp = (e & _U64(OFLAG_COMPRESSED)) != 0
+            e = (raw[:, 0::2] if self.extl2 else raw).ravel()
+            n = self.l2_entries
+            # Normal and preallocated-zero clusters: those with a host cluster.
             offs = e & _U64(L2E_OFFSET_MASK)
-            if self.extl2:
-                data = ~comp & (offs != 0)
-            else:
-                zero = (e & _U64(OFLAG_ZERO)) != 0
-                data = ~comp & ((offs != 0) | ~zero & self.has_data_file & ((e & _U64(OFLAG_COPIED)) != 0))
+            data = offs != 0
+            if self.has_data_file and not self.extl2:
+                data |= ((e & _U64(OFLAG_ZERO | OFLAG_COPIED)) == _U64(OFLAG_COPIED))
+            if ((e & _U64(OFLAG_COMPRESSED)) != 0).any():
+                data &= (e & _U64(OFLAG_COMPRESSED)) == 0
+            where = np.flatnonzero(data)
             if self.has_data_file:
-                rc = np.ones(e.shape, dtype=_U64)
-                rc_bad = np.zeros(e.shape, dtype=bool)
+                rc = np.ones(len(where), dtype=_U64)
+                rc_bad = np.zeros(len(where), dtype=bool)
             else:
-                rc = np.zeros(e.shape, dtype=_U64)
-                rc_bad = np.zeros(e.shape, dtype=bool)
-                rc[data], rc_bad[data] = self.view.lookup(offs[data] >> _U64(self.cluster_bits))
-            copied = (e & _U64(OFLAG_COPIED)) != 0
-            wrong = data & ~rc_bad & ((rc == 1) != copied)
+                rc, rc_bad = self.view.lookup(offs[where] >> _U64(self.cluster_bits))
+            copied = (e[where] & _U64(OFLAG_COPIED)) != 0
+            wrong = ~rc_bad & ((rc == 1) != copied)
+            wrong_at, wrong_rc = where[wrong], rc[wrong]
+            bounds = np.searchsorted(wrong_at, np.arange(len(idx) + 1) * n)
             for r in range(len(idx)):
                 i = int(idx[r])
                 l1e = int(self.l1[i])
@@ -1033,12 +1096,13 @@ class Qcow2Checker:
                         self.wrote = True
                         res.corruptions -= 1
                         res.corruptions_fixed += 1
-                bad_entries = np.flatnonzero(wrong[r])
-                if not len(bad_entries):
+                lo, hi = int(bounds[r]), int(bounds[r + 1])
+                if lo == hi:
                     continue
-                for j in bad_entries.tolist():
-                    self.report(f"{word} OFLAG_COPIED data cluster: l2_entry={int(e[r, j]):x} "
-                                f"refcount={int(rc[r, j])}")
+                for at, refcount in zip(wrong_at[lo:hi].tolist(), wrong_rc[lo:hi].tolist()):
+                    self.report(f"{word} OFLAG_COPIED data cluster: l2_entry={int(e[at]):x} "
+                                f"refcount={refcount}")
+                bad_entries = wrong_at[lo:hi] - r * n
                 res.corruptions += len(bad_entries)
                 if repair:
                     step = 2 if self.extl2 else 1
