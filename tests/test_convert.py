@@ -237,3 +237,24 @@ def test_library_convert(tmp_path) -> None:
     assert seen and seen[-1] == 100.0
     _identical(src, out, "raw", "qcow2")
     assert [e["data"] for e in _map(out, "qcow2")] == [False, True, False]
+
+
+@needs_qemu
+def test_compressed_zstd_is_readable_by_qemu(tmp_path) -> None:
+    pytest.importorskip("zstandard")
+    src = _raw(tmp_path / "src.raw", "2M", "write -P 0x11 0 200k", "write -P 0x22 1M 4k")
+    out = str(tmp_path / "z.qcow2")
+    p = run_qimg("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", src, out)
+    assert (p.returncode, p.stderr) == (0, b"")
+    _identical(src, out, "raw", "qcow2")
+    assert run_qemu("check", out).returncode == 0
+    theirs = str(tmp_path / "t.qcow2")
+    assert run_qemu("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", src, theirs).returncode == 0
+    assert _map(out, "qcow2") == _map(theirs, "qcow2")
+
+
+@needs_qemu
+@pytest.mark.parametrize("param", ["snapshot.foo=x", "snapshot.name=x", "x"])
+def test_snapshot_param_errors(tmp_path, param) -> None:
+    _qcow2(tmp_path / "s.qcow2", "1M", "write -P 1 0 4k")
+    assert_same(["convert", "-O", "qcow2", "-l", param, "s.qcow2", "out.qcow2"], str(tmp_path))

@@ -28,6 +28,8 @@ def _snapshot_param(text: str) -> str:
     found: dict[str, str] = {}
     for key, value in split_options(text):
         if key not in ("snapshot.id", "snapshot.name") or value is None:
+            if key not in ("snapshot.id", "snapshot.name"):
+                raise QimgError(f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
             raise QimgError(f"Failed in parsing snapshot param '{text}'")
         found[key] = value
     return found.get("snapshot.name") or found.get("snapshot.id", "")

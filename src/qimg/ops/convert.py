@@ -75,15 +75,20 @@ def _load_snapshot(sources: list[Image], snapshot: str | None) -> None:
     if len(sources) > 1:
         raise QimgError("No support for concatenating multiple snapshot")
     img = sources[0]
-    if not img.driver.supports_snapshots:
+    # qemu's qcow2 can load snapshots; the driver may not declare it yet
+    if not img.driver.supports_snapshots and img.format != "qcow2":
         raise QimgError(
             f"Failed to load snapshot: Block format '{img.format}' used by device '' "
             "does not support temporarily loading internal snapshots"
         )
     loader = getattr(img.driver, "load_snapshot_tmp", None)
-    if loader is None:
-        raise QimgError("Failed to load snapshot: Can't find snapshot")
-    loader(snapshot)
+    if loader is not None:
+        loader(snapshot)
+        return
+    header = getattr(img.driver, "header", None)
+    if getattr(header, "nb_snapshots", 0):
+        raise QimgError("Failed to load snapshot: Operation not supported")
+    raise QimgError("Failed to load snapshot: Can't find snapshot")
 
 
 def _precreate(filename: str) -> None:

@@ -375,11 +375,14 @@ class _Compressor:
     def __init__(self, job: CopyJob) -> None:
         self.cluster_size = job.cluster_sectors * SECTOR
         self.fn: Callable[[bytes, int], bytes | None] | None = None
-        # the fast path knows zlib only; other methods go through the driver
-        if job.target.format == "qcow2" and getattr(getattr(job.target.driver, "header", None), "compression_type", 0) == 0:
-            from qimg.formats.qcow2.compress import compress_cluster
+        if job.target.format == "qcow2":
+            ctype = getattr(getattr(job.target.driver, "header", None), "compression_type", 0)
+            if ctype == 0:
+                from qimg.formats.qcow2.compress import compress_cluster
 
-            self.fn = compress_cluster
+                self.fn = compress_cluster
+            elif ctype == 1:
+                self.fn = _zstd_compress
         #: -S 0 writes even zero clusters (compressed)
         self.sparse = job.min_sparse > 0
         self.raw_writer = getattr(job.target.driver, "write_compressed_raw", None)
@@ -423,6 +426,24 @@ class _Compressor:
     def _zero(job: CopyJob, offset: int, length: int) -> None:
         if not job.has_zero_init:
             job.target.write_zeroes(offset, length, unmap=True)
+
+
+_zstd_local = threading.local()
+
+
+def _zstd_compress(data: bytes, cluster_size: int) -> bytes | None:
+    """One qcow2 cluster as a zstd frame (qcow2's compression_type=zstd);
+    None when it does not shrink below a cluster, as for zlib."""
+    import zstandard
+
+    if len(data) < cluster_size:
+        data = bytes(data) + bytes(cluster_size - len(data))
+    cctx = getattr(_zstd_local, "cctx", None)
+    if cctx is None:
+        # QEMU compresses at zstd's default level
+        cctx = _zstd_local.cctx = zstandard.ZstdCompressor(level=3)
+    out = cctx.compress(data)
+    return out if len(out) <= cluster_size - 1 else None
 
 
 def _compressor(job: CopyJob) -> _Compressor:
