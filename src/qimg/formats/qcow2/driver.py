@@ -81,6 +81,8 @@ class Qcow2Driver(Driver):
         self.cluster_bits = h.cluster_bits
         self.cluster_size = h.cluster_size
         self.size = h.size
+        #: AES (crypt_method 1) images open for info; their data needs a key
+        self.encrypted = bool(h.crypt_method)
         if h.incompatible_features & H.INCOMPAT_CORRUPT and not self.read_only:
             raise QimgError("qcow2: Image is corrupt; cannot be opened read/write")
         if h.incompatible_features & H.INCOMPAT_DIRTY and not self.read_only:
@@ -130,8 +132,8 @@ class Qcow2Driver(Driver):
             raise QimgError("Reference count table offset invalid")
         if h.crypt_method > 2:
             raise QimgError(f"Unsupported encryption method {h.crypt_method}")
-        if h.crypt_method:
-            raise UnsupportedError("Encrypted qcow2 images are not supported yet")
+        if h.crypt_method == 2:
+            raise UnsupportedError("LUKS encrypted qcow2 images are not supported yet")
         if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
             raise QimgError("Snapshot table too large")
         if not _validate_table_offset(h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE, cs):
@@ -179,6 +181,8 @@ class Qcow2Driver(Driver):
         if h.version >= 3:
             data["lazy-refcounts"] = bool(h.compatible_features & H.COMPAT_LAZY_REFCOUNTS)
         data["refcount-bits"] = h.refcount_bits
+        if h.crypt_method == 1:
+            data["encrypt"] = {"format": "aes"}
         if h.version >= 3:
             data["corrupt"] = bool(h.incompatible_features & H.INCOMPAT_CORRUPT)
             data["extended-l2"] = h.extended_l2
@@ -196,6 +200,8 @@ class Qcow2Driver(Driver):
     @property
     def map(self) -> "ClusterMap":
         if self._map is None:
+            if self.encrypted:
+                raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
             from qimg.formats.qcow2.cluster import ClusterMap
 
             h = self.header
