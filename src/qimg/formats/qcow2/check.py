@@ -90,6 +90,13 @@ class _CheckFailed(Exception):
 
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
+#: QEMU's BDRV_MAX_LENGTH: requests ending past it fail with EIO
+MAX_IO_END = ((1 << 63) - 1) // ((1 << 31) - 512) * ((1 << 31) - 512)
+
+
+def io_ok(offset: int, length: int) -> bool:
+    """Whether the block layer would accept this request at all."""
+    return 0 <= offset and offset + length <= MAX_IO_END
 
 #: a refcount block that get_refcount refuses (QEMU's -EIO)
 BAD = "bad"
@@ -146,6 +153,8 @@ class RefcountView:
             if offset and offset & (self.cluster_size - 1):
                 self._on_bad(offset, index)
                 blk = BAD
+            elif offset and not io_ok(offset, self.cluster_size):
+                blk = BAD  # the read fails: EIO, with no corruption report
             elif offset:
                 blk = decode_refblock(self.file.pread(offset, self.cluster_size), self.order)
         self._blocks[index] = blk
@@ -243,8 +252,13 @@ def _hx(value: int) -> str:
 
 
 def _read_u64s(file: "File", offset: int, count: int) -> np.ndarray:
+    """Big-endian u64 table entries; past the end of the file reads zeroes,
+    as QEMU's file driver does.  Raises _CheckFailed(EIO) for a request
+    the block layer refuses."""
     if count <= 0:
         return np.zeros(0, dtype=_U64)
+    if not io_ok(offset, count * 8):
+        raise _CheckFailed(5)
     return np.frombuffer(file.pread(offset, count * 8), dtype=">u8").astype(_U64)
 
 
@@ -611,7 +625,12 @@ class Qcow2Checker:
         if not l1_size:
             return
         self._inc(p, res, l1_offset, l1_size * 8)
-        l1 = _read_u64s(self.file, l1_offset, l1_size)
+        try:
+            l1 = _read_u64s(self.file, l1_offset, l1_size)
+        except _CheckFailed:
+            p.msg(p.slot, 0, "ERROR: I/O error in check_refcounts_l1")
+            res.check_errors += 1
+            raise
         rows = np.flatnonzero(l1)
         per_batch = max(1, _BATCH_BYTES // self.cs)
         for b in range(0, len(rows), per_batch):
@@ -819,6 +838,9 @@ class Qcow2Checker:
         if dir_size > BME_MAX_PHYS_SIZE:
             res.corruptions += 1
             raise _CheckFailed(22)
+        if not io_ok(dir_offset, dir_size):
+            res.corruptions += 1
+            raise _CheckFailed(22)
         directory = self.file.pread(dir_offset, dir_size)
         pos = 0
         tables: list[tuple[int, int]] = []
@@ -834,7 +856,11 @@ class Qcow2Checker:
             tables.append((t_off, t_size))
         for t_off, t_size in tables:
             self._inc(p, res, t_off, t_size * 8)
-            table = _read_u64s(self.file, t_off, t_size)
+            try:
+                table = _read_u64s(self.file, t_off, t_size)
+            except _CheckFailed:
+                res.corruptions += 1
+                raise
             offsets = (table & _U64(BME_OFFSET_MASK)).astype(np.int64)
             bad = ((table & _U64(BME_RESERVED_MASK)) != 0) | (offsets != 0) & (
                 ((table & _U64(BME_FLAG_ALL_ONES)) != 0) | ((offsets & (self.cs - 1)) != 0))
@@ -1145,4 +1171,8 @@ def check_image(driver: Any, repair: str | None = None,
     """
     fix = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}[repair]
     sys.stdout.flush()
-    return Qcow2Checker(driver, fix, report or _stderr, error_report or _error_report).run()
+    try:
+        checker = Qcow2Checker(driver, fix, report or _stderr, error_report or _error_report)
+    except _CheckFailed as e:
+        raise QimgError(f"Check failed: {os.strerror(e.errno)}", 1) from None
+    return checker.run()
