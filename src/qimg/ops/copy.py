@@ -354,6 +354,8 @@ def _write_runs(job: CopyJob, chunk: Chunk, data, runs: list[tuple[int, int, boo
     target = job.target
     offset = chunk.sector * SECTOR
     view = memoryview(data)
+    if job.has_zero_init and not job.target_has_backing and job.cluster_sectors > 1:
+        runs = _whole_clusters(runs, chunk, job.cluster_sectors)
     for first, count, is_data in runs:
         start = first * SECTOR
         end = start + count * SECTOR
@@ -363,9 +365,32 @@ def _write_runs(job: CopyJob, chunk: Chunk, data, runs: list[tuple[int, int, boo
             target.write_zeroes(offset + start, end - start, unmap=True)
 
 
+def _whole_clusters(runs: list[tuple[int, int, bool]], chunk: Chunk, cluster: int) -> list[tuple[int, int, bool]]:
+    """Widen data runs to the target's cluster boundaries (within the chunk).
+
+    On a zero-initialised target without backing file, a cluster that gets
+    any data is allocated whole and its unwritten part reads as zeroes,
+    which are exactly the bytes the buffer holds there.  Writing the whole
+    clusters at once gives the same clusters, in the same order, with the
+    same content, without the format's copy-on-write of partial clusters."""
+    out: list[tuple[int, int, bool]] = []
+    base = chunk.sector
+    for first, count, is_data in runs:
+        if not is_data:
+            continue
+        start = max(0, (base + first) // cluster * cluster - base)
+        end = min(chunk.sectors, -(-(base + first + count) // cluster) * cluster - base)
+        if out and start <= out[-1][0] + out[-1][1]:
+            prev = out[-1][0]
+            out[-1] = (prev, max(end, prev + out[-1][1]) - prev, True)
+        else:
+            out.append((start, end - start, True))
+    return out
+
+
 def _write_data(target: Image, offset: int, data) -> None:
-    # a raw target takes views without a copy; formats get bytes
-    target.write(offset, data if target.format == "raw" else bytes(data))
+    # raw and qcow2 take views without a copy; other formats get bytes
+    target.write(offset, data if target.format in _DIRECT_FORMATS else bytes(data))
 
 
 class _Compressor:
