@@ -1,0 +1,139 @@
+"""qemu-img info: qimg's output on the same files must equal qemu-img's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg
+
+from qimg.ops import info as ops_info
+
+
+def _qemu(cwd, *args):
+    p = run_qemu(*args, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Images made by qemu-img and qemu-io, shared by the tests here."""
+    d = str(tmp_path_factory.mktemp("info"))
+    os.mkdir(os.path.join(d, "sub"))
+    os.mkdir(os.path.join(d, "adir"))
+    open(os.path.join(d, "empty"), "wb").close()
+    _qemu(d, "create", "-q", "r.raw", "1000000")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "base.qcow2", "2M")
+    run_qemu_io("-c", "write -P 1 0 64k", "-c", "write -c -P 5 1536k 4k", "base.qcow2", cwd=d)
+    _qemu(d, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2", "3M")
+    run_qemu_io("-c", "write -z 0 8k", "-c", "write -P 3 32k 64k", "mid.qcow2", cwd=d)
+    _qemu(d, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "4M")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-b", "../top.qcow2", "-F", "qcow2", "sub/s.qcow2")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-b", "r.raw", "-F", "raw", "onraw.qcow2")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-u", "-b", "nope.qcow2", "-F", "qcow2", "miss.qcow2", "1M")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-u", "-b", "loopb.qcow2", "-F", "qcow2", "loopa.qcow2", "1M")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-u", "-b", "loopa.qcow2", "-F", "qcow2", "loopb.qcow2", "1M")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1M")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512,preallocation=full", "fu.qcow2", "100k")
+    _qemu(d, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "lazy.qcow2", "1M")
+    # a write, then a crash: lazy refcounts leave the image dirty
+    subprocess.run(["qemu-io", "-c", "write 0 4k", "-c", "sigraise 9", "lazy.qcow2"], cwd=d, capture_output=True)
+    return d
+
+
+IMAGES = ["r.raw", "empty", "base.qcow2", "mid.qcow2", "top.qcow2", "sub/s.qcow2", "onraw.qcow2",
+          "miss.qcow2", "v2.qcow2", "fu.qcow2", "lazy.qcow2"]
+
+
+@needs_qemu
+@pytest.mark.parametrize("name", IMAGES)
+@pytest.mark.parametrize("extra", [[], ["--output=json"], ["--backing-chain"], ["--backing-chain", "--output", "json"]],
+                         ids=["human", "json", "chain", "chain-json"])
+def test_info_same_as_qemu(images, name, extra):
+    assert_same(["info", *extra, name], images)
+
+
+ERROR_CASES = [
+    ["nonexist"],
+    ["adir"],
+    ["-f", "qcow2", "r.raw"],
+    ["-f", "bogus", "r.raw"],
+    ["--output=xml", "r.raw"],
+    [],
+    ["a", "b"],
+    ["--image-opts", "-f", "raw", "r.raw"],
+    ["--image-opts", "driver=qcow2,file.filename=top.qcow2"],
+    ["--image-opts", "file.filename=r.raw", "--output=json"],
+    ["--image-opts", "driver=raw,file.filename=nonexist"],
+    ["-U", "-f", "raw", "r.raw"],
+    ["--backing-chain", "miss.qcow2"],
+    ["--backing-chain", "loopa.qcow2"],
+    ["--bogus", "r.raw"],
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", ERROR_CASES, ids=lambda a: " ".join(a) or "<none>")
+def test_info_options_and_errors_same_as_qemu(images, args):
+    assert_same(["info", *args], images)
+
+
+@needs_qemu
+def test_info_dirty_image_says_so(images):
+    p = assert_same(["info", "lazy.qcow2"], images)
+    assert b"cleanly shut down: no\n" in p.stdout
+
+
+def test_info_does_not_import_numpy(tmp_path):
+    path = tmp_path / "x.raw"
+    path.write_bytes(bytes(4096))
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "qimg", "info", str(path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0
+    assert "numpy" not in p.stderr
+
+
+# ---- the printers, on data qemu-img printed ----------------------------------------
+
+
+def test_qdict_order_is_qemus():
+    # the order qemu-img info --output=json prints ImageInfo's keys in
+    keys = ["filename", "format", "dirty-flag", "actual-size", "virtual-size", "cluster-size",
+            "backing-filename", "full-backing-filename", "backing-filename-format", "format-specific"]
+    assert ops_info.qdict_order(dict.fromkeys(keys)) == [
+        "backing-filename-format", "virtual-size", "filename", "cluster-size", "format",
+        "actual-size", "format-specific", "full-backing-filename", "backing-filename", "dirty-flag"]
+
+
+def test_nested_specific_info_printed_like_qemu():
+    spec = {"type": "x", "data": {"a-b": True, "list": [{"name": "n", "granularity": 65536}, 7], "empty": []}}
+    text = ops_info.format_specific_text(spec)
+    assert "    a b: true\n" in text
+    assert "    list:\n        [0]:\n            name: n\n            granularity: 65536\n        [1]: 7\n" in text
+    assert "    empty:\n" in text
+
+
+def test_json_text_escapes_like_qemu():
+    assert ops_info.json_text({"filename": 'a"\\\n\x01é'}) == '{\n    "filename": "a\\"\\\\\\n\\u0001\\u00E9"\n}\n'
+    assert ops_info.json_text({"x": {}}) == '{\n    "x": {\n    }\n}\n'
+
+
+def test_library_info(images):
+    data = ops_info.info(os.path.join(images, "top.qcow2"), backing_chain=True)
+    assert [d["format"] for d in data] == ["qcow2"] * 3
+    assert data[0]["backing-filename"] == "mid.qcow2"
+    assert data[2]["virtual-size"] == 2 << 20
+    assert "backing-filename" not in data[2]
+
+
+@needs_qemu
+def test_library_info_matches_qemu_json(images):
+    import json
+
+    theirs = json.loads(run_qemu("info", "--output=json", "fu.qcow2", cwd=images).stdout)
+    assert ops_info.info(os.path.join(images, "fu.qcow2")) == {
+        **theirs, "filename": os.path.join(images, "fu.qcow2")}
+    mine = run_qimg("info", "--output=json", "fu.qcow2", cwd=images)
+    assert json.loads(mine.stdout) == theirs
