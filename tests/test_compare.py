@@ -86,3 +86,35 @@ def test_library_result(images) -> None:
     seen = []
     r = compare(f"{images}/a.raw", f"{images}/a.qcow2", fmt_a="raw", progress=seen.append)
     assert r.identical and 99.9 < seen[-1] <= 100.0
+
+
+@pytest.fixture
+def chain(tmp_path):
+    run_qemu("create", "-f", "qcow2", str(tmp_path / "base.qcow2"), "4M")
+    run_qemu_io("-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -c -P 3 3M 64k", str(tmp_path / "base.qcow2"))
+    for name, size in (("top.qcow2", "5M"), ("short.qcow2", "6M")):
+        assert run_qemu("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                        str(tmp_path / name), size).returncode == 0
+    run_qemu_io("-f", "qcow2", "-c", "write -P 9 64k 64k", "-c", "write -z 256k 128k", "-c", "discard 3M 64k",
+                "-c", "write -P 7 4200k 5k", str(tmp_path / "top.qcow2"))
+    assert run_qemu("convert", "-O", "raw", str(tmp_path / "top.qcow2"), str(tmp_path / "flat.raw")).returncode == 0
+    return str(tmp_path)
+
+
+CHAIN_CASES = [
+    ["top.qcow2", "flat.raw"],
+    ["-p", "top.qcow2", "flat.raw"],
+    ["-s", "top.qcow2", "flat.raw"],
+    ["-s", "top.qcow2", "top.qcow2"],
+    ["base.qcow2", "top.qcow2"],
+    ["-s", "short.qcow2", "base.qcow2"],
+    ["-p", "short.qcow2", "base.qcow2"],
+    ["-p", "nope", "flat.raw"],
+    ["-p", "-T", "foo", "flat.raw", "flat.raw"],
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("argv", CHAIN_CASES, ids=[" ".join(c) for c in CHAIN_CASES])
+def test_compare_chains_like_qemu(chain, argv) -> None:
+    assert_same(["compare", *argv], chain)

@@ -68,6 +68,12 @@ def run(prog: str, argv: list[str]) -> int:
         if not quiet:
             sys.stdout.write(result.message + "\n")
         return result.code
+    except QimgError as e:
+        # qemu-img reports the error before ending the progress line
+        from qimg.cli.main import error
+
+        error(prog, e.message, e.hint)
+        return e.code
     finally:
         for img in imgs:
             img.close()

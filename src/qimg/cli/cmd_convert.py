@@ -167,6 +167,12 @@ def run(prog: str, argv: list[str]) -> int:
             opener=open_source, target_opener=open_target,
         )
         meter.update(100)
+    except QimgError as e:
+        # qemu-img reports the error before ending the progress line
+        from qimg.cli.main import error
+
+        error(prog, e.message, e.hint)
+        return e.code
     finally:
         meter.end()
     return 0

@@ -38,8 +38,8 @@ BLK_DATA = "data"
 BLK_BACKING_FILE = "backing"
 
 #: reads kept in flight ahead of the writer
-READ_AHEAD = 8
-WORKERS = min(4, (os.cpu_count() or 1) + 1)
+READ_AHEAD = 4
+WORKERS = max(2, min(4, os.cpu_count() or 1))
 
 
 def block_status_above(img: Image, offset: int, length: int, top_only: bool = False) -> tuple[int, int]:
