@@ -162,9 +162,11 @@ class Refcounts:
         """Find ``nclusters`` free clusters in a row from free_cluster_index
         (no refcount change), as alloc_clusters_noref."""
         idx = self.free_cluster_index
+        window = max(nclusters, 256)
         while True:
-            # Look at a window of refcounts; clusters past the covered area are free.
-            window = max(nclusters, 1 << 16)
+            # Look at a window of refcounts (growing: free space is usually
+            # near); clusters past the covered area are free.
+            window = min(window * 4, max(nclusters, 1 << 20))
             rc = self.get_range(idx, window + nclusters)
             free = np.concatenate(([0], (rc == 0).view(np.int8) if rc.dtype == bool else (rc == 0).astype(np.int8), [0]))
             d = np.diff(free)
