@@ -129,5 +129,11 @@ class Driver:
     def dirty_flag(self) -> bool:
         return False
 
+    def snapshot_list(self) -> list[dict[str, Any]]:
+        """Internal snapshots as qemu's SnapshotInfo dicts, keys in schema
+        order: id, name, vm-state-size, date-sec, date-nsec, vm-clock-sec,
+        vm-clock-nsec, icount (when known).  ``info`` lists them."""
+        return []
+
     def check(self, repair: str | None = None) -> Any:
         raise UnsupportedError("This image format does not support checks")
