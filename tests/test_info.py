@@ -137,3 +137,38 @@ def test_library_info_matches_qemu_json(images):
         **theirs, "filename": os.path.join(images, "fu.qcow2")}
     mine = run_qimg("info", "--output=json", "fu.qcow2", cwd=images)
     assert json.loads(mine.stdout) == theirs
+
+
+@pytest.fixture(scope="module")
+def snap_image(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("snap"))
+    _qemu(d, "create", "-q", "-f", "qcow2", "snap.qcow2", "1M")
+    _qemu(d, "snapshot", "-c", "s1", "snap.qcow2")
+    _qemu(d, "snapshot", "-c", "a longer snapshot name", "snap.qcow2")
+    _qemu(d, "bitmap", "--add", "snap.qcow2", "bm0")
+    _qemu(d, "bitmap", "--add", "-g", "4k", "--disable", "snap.qcow2", "bm1")
+    return d
+
+
+@needs_qemu
+@pytest.mark.parametrize("name", ["snap.qcow2"])
+def test_human_printer_on_qemus_json(snap_image, name):
+    """qemu's own JSON through our human printer gives qemu's human text:
+    snapshots table, nested bitmap lists, key order."""
+    import json
+
+    data = json.loads(run_qemu("info", "--output=json", name, cwd=snap_image).stdout)
+    human = run_qemu("info", name, cwd=snap_image).stdout.decode()
+    assert "Snapshot list:" in human and "bitmaps:" in human
+    assert ops_info.human_info(data) == human
+    chain = json.loads(run_qemu("info", "--backing-chain", "--output=json", name, cwd=snap_image).stdout)
+    assert ops_info.json_text(chain) == run_qemu("info", "--backing-chain", "--output=json", name,
+                                                 cwd=snap_image).stdout.decode()
+
+
+@needs_qemu
+def test_human_printer_on_qemus_json_chain(images):
+    import json
+
+    data = json.loads(run_qemu("info", "--backing-chain", "--output=json", "sub/s.qcow2", cwd=images).stdout)
+    assert ops_info.human_info(data) == run_qemu("info", "--backing-chain", "sub/s.qcow2", cwd=images).stdout.decode()

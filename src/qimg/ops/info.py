@@ -167,9 +167,28 @@ def _human_one(info: dict[str, Any]) -> str:
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     text = "\n".join(lines) + "\n"
+    if info.get("snapshots"):
+        text += "Snapshot list:\n" + snapshot_table(info["snapshots"])
     if "format-specific" in info:
         text += "Format specific information:\n" + format_specific_text(info["format-specific"])
     return text
+
+
+def snapshot_table(snapshots: list[dict[str, Any]]) -> str:
+    """The header and one line per snapshot, as bdrv_snapshot_dump prints
+    them (dates in local time), each followed by a newline."""
+    import time
+
+    lines = ["%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")]
+    for sn in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.get("date-sec", 0)))
+        secs = sn.get("vm-clock-sec", 0)
+        msec = sn.get("vm-clock-nsec", 0) // 1_000_000 % 1000
+        clock = "%02d:%02d:%02d.%03d" % (secs // 3600, secs // 60 % 60, secs % 60, msec)
+        icount = str(sn["icount"]) if "icount" in sn else ""
+        lines.append("%-9s %-16s %8s%20s%13s%11s" % (
+            sn.get("id", ""), sn.get("name", ""), size_to_str(sn.get("vm-state-size", 0)), date, clock, icount))
+    return "".join(line + "\n" for line in lines)
 
 
 def human_info(data: dict[str, Any] | list[dict[str, Any]]) -> str:
@@ -211,6 +230,9 @@ def image_info(img: Any) -> dict[str, Any]:
         info["full-backing-filename"] = _full_backing_filename(img.filename, backing)
         if drv.backing_format:
             info["backing-filename-format"] = drv.backing_format
+    snapshots = drv.snapshot_list()
+    if snapshots:
+        info["snapshots"] = snapshots
     specific = drv.info_specific()
     if specific is not None:
         info["format-specific"] = specific
