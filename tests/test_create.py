@@ -99,6 +99,8 @@ HELP_CASES = [
     ["-o", "size=1M,help", "x", "1M"],
     ["-o", "help,,x"],
     ["-o", "help=1", "x"],
+    ["-o", "help=on", "x"],
+    ["-o", "nohelp", "x"],
     ["-f", "foo", "-o", "help"],
     ["-f", "qcow2", "-o", "help"],
     ["-f", "qcow2", "-o", "help", "x.qcow2"],
@@ -175,6 +177,7 @@ def test_split_opts_follows_qemu():
     assert ops_create.split_opts("help,,x") == [("help", "on"), ("", "on"), ("x", "on")]
     assert ops_create.has_help_option("size=1,?")
     assert not ops_create.has_help_option("help=1")
+    assert not ops_create.has_help_option("help=on")
 
 
 def test_library_create_raw(tmp_path):

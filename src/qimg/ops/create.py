@@ -50,7 +50,12 @@ class CreateError(QimgError):
 
 def split_opts(text: str) -> list[tuple[str, str]]:
     """``-o`` text to (name, value) pairs, as qemu's get_opt_name_value."""
-    pairs: list[tuple[str, str]] = []
+    return [(name, value) for name, value, _ in _split(text)]
+
+
+def _split(text: str) -> list[tuple[str, str, bool]]:
+    """(name, value, given as a bare flag) for each item of ``-o`` text."""
+    pairs: list[tuple[str, str, bool]] = []
     pos = 0
     n = len(text)
     while pos < n:
@@ -61,9 +66,9 @@ def split_opts(text: str) -> list[tuple[str, str]]:
         if stop >= n or text[stop] == ",":
             # a flag: "key" is key=on, "nokey" is key=off
             if name.startswith("no"):
-                pairs.append((name[2:], "off"))
+                pairs.append((name[2:], "off", True))
             else:
-                pairs.append((name, "on"))
+                pairs.append((name, "on", True))
             pos = stop
         else:
             pos = stop + 1
@@ -77,7 +82,7 @@ def split_opts(text: str) -> list[tuple[str, str]]:
                     break
                 value.append(text[pos])
                 pos += 1
-            pairs.append((name, "".join(value)))
+            pairs.append((name, "".join(value), False))
         if pos < n and text[pos] == ",":
             pos += 1
     return pairs
@@ -85,7 +90,7 @@ def split_opts(text: str) -> list[tuple[str, str]]:
 
 def has_help_option(text: str) -> bool:
     """True when ``-o`` asks for help (a bare ``help`` or ``?``)."""
-    return any(value == "on" and name in ("help", "?") for name, value in split_opts(text))
+    return any(flag and value == "on" and name in ("help", "?") for name, value, flag in _split(text))
 
 
 def valid_option_list(text: str) -> bool:
