@@ -234,12 +234,14 @@ def run(job: CopyJob) -> None:
     # A raw target has no allocation order to keep: workers write to it
     # directly.  Other formats get their writes from this thread, in order.
     direct = job.target.format == "raw" and compressor is None
+    # compressed chunks are single clusters: keep many in flight
+    ahead = READ_AHEAD * 8 if compressor is not None else READ_AHEAD
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         pending: deque[tuple[Chunk, Future | None]] = deque()
         it = iter(chunks)
         exhausted = False
         while True:
-            while not exhausted and len(pending) < READ_AHEAD:
+            while not exhausted and len(pending) < ahead:
                 chunk = next(it, None)
                 if chunk is None:
                     exhausted = True
@@ -403,9 +405,7 @@ class _Compressor:
         if job.target.format == "qcow2":
             ctype = getattr(getattr(job.target.driver, "header", None), "compression_type", 0)
             if ctype == 0:
-                from qimg.formats.qcow2.compress import compress_cluster
-
-                self.fn = compress_cluster
+                self.fn = _zlib_compress
             elif ctype == 1:
                 self.fn = _zstd_compress
         #: -S 0 writes even zero clusters (compressed)
@@ -451,6 +451,17 @@ class _Compressor:
     def _zero(job: CopyJob, offset: int, length: int) -> None:
         if not job.has_zero_init:
             job.target.write_zeroes(offset, length, unmap=True)
+
+
+def _zlib_compress(data: bytes, cluster_size: int) -> bytes | None:
+    """One qcow2 cluster, zlib.  QEMU gives deflate a buffer of
+    cluster_size - 1 bytes, and deflate reports a buffer it filled exactly
+    as not finished: a result of cluster_size - 1 bytes is stored
+    uncompressed too."""
+    from qimg.formats.qcow2.compress import compress_cluster
+
+    out = compress_cluster(data, cluster_size)
+    return out if out is not None and len(out) < cluster_size - 1 else None
 
 
 _zstd_local = threading.local()
