@@ -37,6 +37,9 @@ class File:
     def __init__(self, filename: str, read_only: bool = True, create: bool = False) -> None:
         self.filename = filename
         self.read_only = read_only
+        if not filename and not create:
+            # creating '' fails in open(2) instead, as in file-posix
+            raise QimgError("The 'file' block driver requires a file name")
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create:
             flags |= os.O_CREAT | os.O_TRUNC
