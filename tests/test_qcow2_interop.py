@@ -185,3 +185,19 @@ def test_compressed_clusters_qemu_reads(tmp_path):
     assert data[3 * 65536:4 * 65536] == text[::-1]
     check = run_qemu("check", str(path))
     assert check.returncode == 0 and b"No errors" in check.stdout
+
+
+def test_zstd_compressed_clusters_both_ways(tmp_path):
+    pytest.importorskip("zstandard")
+    path = tmp_path / "z.qcow2"
+    assert run_qemu("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", str(path), "1M").returncode == 0
+    run_qemu_io("-c", "write -c -P 0x12 0 64k", "-c", "write -c -P 0x13 64k 64k", str(path))
+    text = (b"zstd cluster " * 6000)[:65536]
+    with open_image(str(path), "qcow2", read_only=False) as img:
+        assert img.read(0, 131072) == b"\x12" * 65536 + b"\x13" * 65536
+        img.write_compressed(3 * 65536, text)
+        assert img.block_status(3 * 65536, 65536).flags & 0x40
+    raw = tmp_path / "z.raw"
+    assert run_qemu("convert", "-O", "raw", str(path), str(raw)).returncode == 0
+    assert raw.read_bytes()[3 * 65536:4 * 65536] == text
+    assert b"No errors" in run_qemu("check", str(path)).stdout

@@ -13,7 +13,11 @@ _WBITS = -12
 _MEMLEVEL = 9
 
 
-def compress_cluster(data: bytes, cluster_size: int) -> bytes | None:
+COMPRESSION_ZLIB = 0
+COMPRESSION_ZSTD = 1
+
+
+def compress_cluster(data: bytes, cluster_size: int, compression_type: int = COMPRESSION_ZLIB) -> bytes | None:
     """Compress one cluster (``data`` shorter than a cluster is zero-padded,
     as for the last cluster of an image).
 
@@ -24,6 +28,9 @@ def compress_cluster(data: bytes, cluster_size: int) -> bytes | None:
     """
     if len(data) < cluster_size:
         data = bytes(data) + bytes(cluster_size - len(data))
+    if compression_type == COMPRESSION_ZSTD:
+        out = _zstd().ZstdCompressor(level=3).compress(bytes(data))
+        return out if len(out) <= cluster_size - 1 else None
     c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, _WBITS, _MEMLEVEL)
     out = c.compress(data) + c.flush(zlib.Z_FINISH)
     if len(out) > cluster_size - 1:
@@ -31,8 +38,33 @@ def compress_cluster(data: bytes, cluster_size: int) -> bytes | None:
     return out
 
 
-def decompress_cluster(data: bytes, cluster_size: int) -> bytes:
-    """Inflate one compressed cluster; it must yield exactly a cluster."""
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise QimgError("This build does not support zstd compression") from None
+    return zstandard
+
+
+def decompress_cluster(data: bytes, cluster_size: int, compression_type: int = COMPRESSION_ZLIB) -> bytes:
+    """Inflate one compressed cluster; it must yield exactly a cluster.
+    (The stored data may be followed by sector padding: stop at a cluster.)"""
+    if compression_type == COMPRESSION_ZSTD:
+        import io
+
+        try:
+            with _zstd().ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
+                out = r.read(cluster_size)
+                while len(out) < cluster_size:
+                    more = r.read(cluster_size - len(out))
+                    if not more:
+                        break
+                    out += more
+        except _zstd().ZstdError:
+            raise QimgError("Input/output error") from None
+        if len(out) != cluster_size:
+            raise QimgError("Input/output error")
+        return out
     try:
         d = zlib.decompressobj(_WBITS)
         out = d.decompress(data, cluster_size)

@@ -333,7 +333,7 @@ class Qcow2Driver(Driver):
         not compress it is written as a normal cluster, as QEMU does."""
         from qimg.formats.qcow2.compress import compress_cluster
 
-        comp = compress_cluster(data, self.cluster_size)
+        comp = compress_cluster(data, self.cluster_size, self.header.compression_type)
         if comp is None:
             self.write(offset, data)
         else:
@@ -341,7 +341,8 @@ class Qcow2Driver(Driver):
 
     def write_compressed_raw(self, offset: int, compressed: bytes) -> None:
         """Place an already compressed cluster (from compress_cluster, which
-        a copy engine may run in threads) at cluster-aligned guest
+        a copy engine may run in threads, passing
+        ``self.header.compression_type``) at cluster-aligned guest
         ``offset``.  Calls must be made in order from one thread."""
         from qimg.formats.qcow2 import io
 

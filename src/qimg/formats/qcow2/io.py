@@ -57,7 +57,7 @@ def _decompressed(d: "Qcow2Driver", entry: int) -> bytes:
     host, size = Z.parse_descriptor(entry, d.cluster_bits)
     if d._zcache is not None and d._zcache[0] == host:
         return d._zcache[1]
-    data = Z.decompress_cluster(d.file.pread(host, size), d.cluster_size)
+    data = Z.decompress_cluster(d.file.pread(host, size), d.cluster_size, d.header.compression_type)
     d._zcache = (host, data)
     return data
 
