@@ -202,3 +202,24 @@ def test_grow_virtual_size(tmp_path):
     assert run_qemu("convert", "-O", "raw", str(path), str(raw)).returncode == 0
     d = raw.read_bytes()
     assert d[:4096] == b"\x09" * 4096 and d[-4096:] == b"\x08" * 4096
+
+
+@needs_qemu
+def test_writes_after_internal_snapshot_keep_snapshot_intact(tmp_path):
+    path = tmp_path / "s.qcow2"
+    assert run_qemu("create", "-q", "-f", "qcow2", str(path), "4M").returncode == 0
+    run_qemu_io("-c", "write -P 1 0 2M", str(path))
+    assert run_qemu("snapshot", "-c", "s1", str(path)).returncode == 0
+    expect = bytearray(b"\x01" * (2 << 20) + bytes(2 << 20))
+    with open_image(str(path), "qcow2", read_only=False) as img:
+        img.write(100000, b"\x02" * 300000)
+        img.write_zeroes(1 << 20, 65536)
+        img.discard(3 << 20, 1 << 20)
+    expect[100000:400000] = b"\x02" * 300000
+    expect[1 << 20:(1 << 20) + 65536] = bytes(65536)
+    assert b"No errors" in run_qemu("check", str(path)).stdout
+    active, snap = tmp_path / "a.raw", tmp_path / "s1.raw"
+    assert run_qemu("convert", "-O", "raw", str(path), str(active)).returncode == 0
+    assert run_qemu("convert", "-l", "snapshot.name=s1", "-O", "raw", str(path), str(snap)).returncode == 0
+    assert active.read_bytes() == expect
+    assert snap.read_bytes() == b"\x01" * (2 << 20) + bytes(2 << 20)

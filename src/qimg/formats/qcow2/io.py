@@ -85,9 +85,19 @@ def _ensure_l2(d: "Qcow2Driver", l1_index: int) -> np.ndarray:
     m = d.map
     ent = int(m.l1[l1_index]) if l1_index < len(m.l1) else 0
     if ent & L2E_OFFSET_MASK:
-        if not ent & QCOW_OFLAG_COPIED:
-            raise UnsupportedError("Writing to qcow2 images with internal snapshots is not supported yet")
-        return m.l2_table(ent & L2E_OFFSET_MASK)
+        if ent & QCOW_OFLAG_COPIED:
+            return m.l2_table(ent & L2E_OFFSET_MASK)
+        # Shared with a snapshot: copy the table; its data clusters keep
+        # their (shared) references and are copied on write in turn.
+        old_off = ent & L2E_OFFSET_MASK
+        contents = m.l2_table(old_off).copy()
+        off = d.refs.alloc(d.cluster_size)
+        tab = m.new_l2_table(off, contents)
+        m.l1[l1_index] = _U64(off | QCOW_OFLAG_COPIED)
+        m.l1_dirty.add(l1_index)
+        d.flush_metadata()
+        d.refs.free(old_off, d.cluster_size)
+        return tab
     if l1_index >= len(m.l1):
         raise QimgError("Invalid argument")
     off = d.refs.alloc(d.cluster_size)
