@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import shutil
 
 import pytest
 from conftest import needs_qemu, run_qemu, run_qimg
@@ -13,14 +14,21 @@ import qimg.ops.create as ops_create
 from qimg.errors import QimgError
 
 
-def _twin_dirs(tmp_path):
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory):
+    """Backing files both sides share: a 3M qcow2 base, a raw of odd size."""
+    d = tmp_path_factory.mktemp("seed")
+    (d / "sub").mkdir()
+    assert run_qemu("create", "-q", "-f", "qcow2", "sub/base.qcow2", "3M", cwd=str(d)).returncode == 0
+    assert run_qemu("create", "-q", "-f", "raw", "base.raw", "1000000", cwd=str(d)).returncode == 0
+    return d
+
+
+def _twin_dirs(tmp_path, seed):
     dirs = []
     for name in ("qemu", "qimg"):
         d = tmp_path / name
-        (d / "sub").mkdir(parents=True)
-        # a backing chain both sides share: a 3M qcow2 base, a raw of odd size
-        assert run_qemu("create", "-q", "-f", "qcow2", "sub/base.qcow2", "3M", cwd=str(d)).returncode == 0
-        assert run_qemu("create", "-q", "-f", "raw", "base.raw", "1000000", cwd=str(d)).returncode == 0
+        shutil.copytree(seed, d)
         dirs.append(d)
     return dirs
 
@@ -29,8 +37,8 @@ def _files(d):
     return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
 
 
-def assert_create_same(tmp_path, *args: str) -> None:
-    qd, md = _twin_dirs(tmp_path)
+def assert_create_same(tmp_path, seed, *args: str) -> None:
+    qd, md = _twin_dirs(tmp_path, seed)
     theirs = run_qemu("create", *args, cwd=str(qd))
     mine = run_qimg("create", *args, cwd=str(md))
     assert mine.stderr.decode() == theirs.stderr.decode()
@@ -82,14 +90,16 @@ RAW_CASES = [
     ["-F", "raw", "x.raw", "1M"],
     ["/nonexistent-dir/x", "1M"],
     ["sub", "1M"],
+    ["", "1M"],
+    ["-f", "qcow2", "", "1M"],
     ["--object", "secret,id=s0,data=x", "x", "1M"],
 ]
 
 
 @needs_qemu
 @pytest.mark.parametrize("args", RAW_CASES, ids=lambda a: " ".join(a) or "<none>")
-def test_create_raw_same_as_qemu(tmp_path, args):
-    assert_create_same(tmp_path, *args)
+def test_create_raw_same_as_qemu(tmp_path, seed, args):
+    assert_create_same(tmp_path, seed, *args)
 
 
 HELP_CASES = [
@@ -110,8 +120,8 @@ HELP_CASES = [
 
 @needs_qemu
 @pytest.mark.parametrize("args", HELP_CASES, ids=lambda a: " ".join(a))
-def test_create_help_same_as_qemu(tmp_path, args):
-    assert_create_same(tmp_path, *args)
+def test_create_help_same_as_qemu(tmp_path, seed, args):
+    assert_create_same(tmp_path, seed, *args)
 
 
 QCOW2_CASES = [
@@ -165,8 +175,8 @@ def _qcow2_available() -> bool:
 @needs_qemu
 @pytest.mark.skipif(not _qcow2_available(), reason="qcow2 driver not there yet")
 @pytest.mark.parametrize("args", QCOW2_CASES, ids=lambda a: " ".join(a))
-def test_create_qcow2_same_as_qemu(tmp_path, args):
-    assert_create_same(tmp_path, *args)
+def test_create_qcow2_same_as_qemu(tmp_path, seed, args):
+    assert_create_same(tmp_path, seed, *args)
 
 
 # ---- the library ------------------------------------------------------------------

@@ -24,6 +24,7 @@ def images(tmp_path_factory):
     os.mkdir(os.path.join(d, "sub"))
     os.mkdir(os.path.join(d, "adir"))
     open(os.path.join(d, "empty"), "wb").close()
+    os.symlink("nowhere", os.path.join(d, "dangling"))
     _qemu(d, "create", "-q", "r.raw", "1000000")
     _qemu(d, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "base.qcow2", "2M")
     run_qemu_io("-c", "write -P 1 0 64k", "-c", "write -c -P 5 1536k 4k", "base.qcow2", cwd=d)
@@ -71,6 +72,9 @@ ERROR_CASES = [
     ["--backing-chain", "miss.qcow2"],
     ["--backing-chain", "loopa.qcow2"],
     ["--bogus", "r.raw"],
+    [""],
+    ["/dev/null"],
+    ["dangling"],
 ]
 
 

@@ -84,6 +84,8 @@ ERROR_CASES = [
     ["--image-opts", "driver=qcow2,file.filename=h.qcow2"],
     ["--image-opts", "-f", "raw", "r.raw"],
     ["-U", "-f", "raw", "r.raw"],
+    [""],
+    ["/dev/null"],
 ]
 
 
