@@ -32,7 +32,9 @@ def _message(e: getopt.GetoptError, argv: list[str], longopts: list[str]) -> str
     if "must not have an argument" in e.msg:
         return f"option '--{_full_long(opt, longopts)}' doesn't allow an argument"
     if "not a unique prefix" in e.msg:
-        return f"option '--{opt}' is ambiguous"
+        # qemu-img's optstring starts with ':', so getopt stays silent and
+        # qemu-img reports an ambiguous prefix as unrecognized
+        return f"unrecognized option '--{opt}'"
     if len(opt) == 1 and not any(a == "--" + opt or a.startswith("--" + opt + "=") for a in argv):
         return f"unrecognized option '-{opt}'"
     return f"unrecognized option '--{opt}'"
