@@ -72,6 +72,8 @@ ERROR_CASES = [
     ["--backing-chain", "miss.qcow2"],
     ["--backing-chain", "loopa.qcow2"],
     ["--bogus", "r.raw"],
+    ["--f", "raw", "r.raw"],
+    ["--back", "r.raw"],
     [""],
     ["/dev/null"],
     ["dangling"],
