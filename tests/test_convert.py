@@ -258,3 +258,17 @@ def test_compressed_zstd_is_readable_by_qemu(tmp_path) -> None:
 def test_snapshot_param_errors(tmp_path, param) -> None:
     _qcow2(tmp_path / "s.qcow2", "1M", "write -P 1 0 4k")
     assert_same(["convert", "-O", "qcow2", "-l", param, "s.qcow2", "out.qcow2"], str(tmp_path))
+
+
+@needs_qemu
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_compressed_source_to_raw(tmp_path, ctype) -> None:
+    src = _raw(tmp_path / "src.raw", "3M", *PATTERNED[:4])
+    comp = str(tmp_path / "c.qcow2")
+    assert run_qemu("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", f"compression_type={ctype}",
+                    src, comp).returncode == 0
+    run_qemu_io("-f", "qcow2", "-c", "write -P 0x5 100k 8k", comp)  # one plain cluster among compressed ones
+    mine, theirs = _both(tmp_path, ["-p"], "qcow2", "raw", [comp])
+    with open(mine, "rb") as f, open(theirs, "rb") as g:
+        assert f.read() == g.read()
+    assert _map(mine, "raw") == _map(theirs, "raw")

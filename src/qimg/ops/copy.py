@@ -47,7 +47,7 @@ def block_status_above(img: Image, offset: int, length: int, top_only: bool = Fa
     sees it: through the whole chain (``top_only``: only the top layer, the
     base being its backing file).  ALLOCATED tells a layer defines the run;
     a run past the end of a shorter backing file reads as allocated zeroes."""
-    flags, pnum, _host = _status_above(img, offset, length, top_only)
+    flags, pnum, _host, _z = _status_above(img, offset, length, top_only)
     return flags, pnum
 
 
@@ -55,9 +55,11 @@ def block_status_above(img: Image, offset: int, length: int, top_only: bool = Fa
 _DIRECT_FORMATS = ("raw", "qcow2")
 
 
-def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple[int, int, int | None]:
+def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple[int, int, int | None, bool]:
     """block_status_above, plus the host offset when the run is plain data
-    of the top layer that can be read straight from its data file."""
+    of the top layer that can be read straight from its data file, and
+    whether it is compressed qcow2 clusters of the top layer (which the
+    engine inflates in its worker threads)."""
     ext = img.block_status(offset, length)
     flags, pnum = ext.flags & ~RECURSE, ext.length
     below = img.backing
@@ -69,12 +71,13 @@ def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple
             and ext.file == img.driver.data_node.filename
         ):
             host = ext.host_offset
-        return flags, pnum, host
+        ztop = bool(flags & COMPRESSED and flags & ALLOCATED) and img.format == "qcow2"
+        return flags, pnum, host, ztop
     if top_only:
         # qemu adds ZERO where the backing file is too short to reach
         if offset >= below.size:
             flags |= ZERO
-        return flags, pnum, None
+        return flags, pnum, None, False
     eof = offset + pnum if flags & EOF else -1
     p: Image | None = below
     while p is not None:
@@ -89,7 +92,7 @@ def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple
         p = p.backing
     if offset + pnum == eof:
         flags |= EOF
-    return flags, pnum, None
+    return flags, pnum, None, False
 
 
 @dataclass
@@ -103,6 +106,8 @@ class Chunk:
     #: where the chunk's data lies in the source's data file, when it can be
     #: read from there directly (plain data of the top layer)
     host: int | None = None
+    #: the chunk is compressed qcow2 clusters of the source's top layer
+    zsrc: bool = False
 
 
 @dataclass
@@ -150,7 +155,7 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
     src_start = 0
     next_status = 0
     status = BLK_DATA
-    status_sector, status_host = 0, None
+    status_sector, status_host, status_z = 0, None, False
     while sector < total:
         while sector - src_start >= job.src_sectors[src]:
             src_start += job.src_sectors[src]
@@ -169,11 +174,11 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
             offset = local * SECTOR
             lock = locks[src] if locks else None
             if lock is None:
-                flags, count, host = _status_above(img, offset, n * SECTOR, job.target_has_backing)
+                flags, count, host, ztop = _status_above(img, offset, n * SECTOR, job.target_has_backing)
             else:
                 with lock:
-                    flags, count, host = _status_above(img, offset, n * SECTOR, job.target_has_backing)
-            status_sector, status_host = sector, host
+                    flags, count, host, ztop = _status_above(img, offset, n * SECTOR, job.target_has_backing)
+            status_sector, status_host, status_z = sector, host, ztop
             if count <= 0:
                 # the rounded-up tail sector past the source's end reads as zeroes
                 flags, count = ZERO, n * SECTOR
@@ -203,6 +208,8 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
             else:
                 n -= n % job.cluster_sectors
         host = None
+        whole = chunk_status == status == BLK_DATA and sector + n <= next_status
+        zsrc = status_z and whole
         if (
             status_host is not None
             and chunk_status == status == BLK_DATA
@@ -210,7 +217,7 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
             and (sector + n - src_start) * SECTOR <= job.sources[src].size
         ):
             host = status_host + (sector - status_sector) * SECTOR
-        yield Chunk(sector, n, chunk_status, src, host)
+        yield Chunk(sector, n, chunk_status, src, host, zsrc)
         sector += n
         if job.compressed and chunk_status != status:
             # qemu changes s->status itself; the next chunk re-reads status
@@ -305,6 +312,12 @@ def _read_chunk(job: CopyJob, chunk: Chunk, locks: list) -> bytes | bytearray:
         return buf
     src_start = sum(job.src_sectors[: chunk.src])
     src = chunk.src
+    if chunk.zsrc:
+        img = job.sources[src]
+        offset = (sector - src_start) * SECTOR
+        length = min(left * SECTOR, img.size - offset)
+        data = _inflate(img, locks[src], offset, length)
+        return data if len(data) == left * SECTOR else data + bytes(left * SECTOR - len(data))
     if sector + left <= src_start + job.src_sectors[src]:
         # the common case: one read from one source, no copy
         length = left * SECTOR
@@ -324,6 +337,32 @@ def _read_chunk(job: CopyJob, chunk: Chunk, locks: list) -> bytes | bytearray:
         sector += n
         left -= n
     return buf
+
+
+def _inflate(img: Image, lock: threading.Lock | None, offset: int, length: int) -> bytearray:
+    """Read compressed qcow2 clusters: the descriptors and compressed bytes
+    under the source's lock, the inflating (zlib/zstd release the GIL)
+    outside it, so that workers decompress in parallel as QEMU's threads do."""
+    from qimg.formats.qcow2.compress import decompress_cluster, parse_descriptor
+
+    d = img.driver
+    cb, cs = d.cluster_bits, d.cluster_size
+    ctype = d.header.compression_type
+    first, last = offset >> cb, (offset + length - 1) >> cb
+    blobs: list[bytes] = []
+    with lock or threading.Lock():
+        ci = first
+        while ci <= last:
+            ents = d.map.entries(ci, last - ci + 1)
+            for ent in ents.tolist():
+                host, size = parse_descriptor(ent, cb)
+                blobs.append(d.file.pread(host, size))
+            ci += len(ents)
+    out = bytearray()
+    for blob in blobs:
+        out += decompress_cluster(blob, cs, ctype)
+    start = offset - (first << cb)
+    return out[start:start + length] if start or len(out) != length else out
 
 
 def _locked_read(img: Image, lock: threading.Lock | None, offset: int, length: int) -> bytes:
