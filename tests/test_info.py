@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,10 +42,23 @@ def images(tmp_path_factory):
     _qemu(d, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "lazy.qcow2", "1M")
     # a write, then a crash: lazy refcounts leave the image dirty
     subprocess.run(["qemu-io", "-c", "write 0 4k", "-c", "sigraise 9", "lazy.qcow2"], cwd=d, capture_output=True)
+    # header damage: the corrupt bit, an unknown incompatible feature, a stub
+    _qemu(d, "create", "-q", "-f", "qcow2", "cor.qcow2", "1M")
+    shutil.copy(os.path.join(d, "cor.qcow2"), os.path.join(d, "unk.qcow2"))
+    _set_incompatible(os.path.join(d, "cor.qcow2"), 2)
+    _set_incompatible(os.path.join(d, "unk.qcow2"), 1 << 40)
+    with open(os.path.join(d, "trunc.qcow2"), "wb") as f:
+        f.write(b"QFI\xfb")
     return d
 
 
-IMAGES = ["r.raw", "empty", "base.qcow2", "mid.qcow2", "top.qcow2", "sub/s.qcow2", "onraw.qcow2",
+def _set_incompatible(path, bits):
+    with open(path, "r+b") as f:
+        f.seek(72)  # incompatible_features, a big-endian u64
+        f.write(bits.to_bytes(8, "big"))
+
+
+IMAGES = ["cor.qcow2", "unk.qcow2", "trunc.qcow2", "r.raw", "empty", "base.qcow2", "mid.qcow2", "top.qcow2", "sub/s.qcow2", "onraw.qcow2",
           "miss.qcow2", "v2.qcow2", "fu.qcow2", "lazy.qcow2"]
 
 
