@@ -210,7 +210,7 @@ def convert(
         run(job)
         tgt.flush()
     except OSError as e:
-        raise QimgError(f"error while writing at byte 0: {e.strerror or e}") from None
+        raise QimgError(f"error while converting: {e.strerror or e}") from None
     finally:
         if tgt is not None:
             tgt.close()

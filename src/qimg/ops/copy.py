@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 from qimg.block.image import Image
 from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO
+from qimg.errors import QimgError
 from qimg.ops.zeroes import classify, is_zero
 
 SECTOR = 512
@@ -286,7 +287,10 @@ def _produce(job: CopyJob, chunk: Chunk, locks: list, direct: bool) -> tuple[byt
     else:
         runs = [(0, chunk.sectors, True)]
     if direct:
-        _write_runs(job, chunk, data, runs)
+        try:
+            _write_runs(job, chunk, data, runs)
+        except OSError as e:
+            raise QimgError(f"error while writing at byte {chunk.sector * SECTOR}: {e.strerror}") from None
         return None
     return data, runs
 
@@ -302,6 +306,13 @@ def _align_file_end(target: Image) -> None:
 
 
 def _read_chunk(job: CopyJob, chunk: Chunk, locks: list) -> bytes | bytearray:
+    try:
+        return _read_chunk_raw(job, chunk, locks)
+    except OSError as e:
+        raise QimgError(f"error while reading at byte {chunk.sector * SECTOR}: {e.strerror}") from None
+
+
+def _read_chunk_raw(job: CopyJob, chunk: Chunk, locks: list) -> bytes | bytearray:
     """The chunk's guest bytes, padded with zeroes to whole sectors.  A
     compressed cluster may span the end of one source and the start of the
     next (convert_co_read)."""
@@ -375,6 +386,13 @@ def _locked_read(img: Image, lock: threading.Lock | None, offset: int, length: i
 
 
 def _write_chunk(job: CopyJob, chunk: Chunk, data, compressor) -> None:
+    try:
+        _write_chunk_raw(job, chunk, data, compressor)
+    except OSError as e:
+        raise QimgError(f"error while writing at byte {chunk.sector * SECTOR}: {e.strerror}") from None
+
+
+def _write_chunk_raw(job: CopyJob, chunk: Chunk, data, compressor) -> None:
     target = job.target
     offset = chunk.sector * SECTOR
     length = chunk.sectors * SECTOR
