@@ -223,3 +223,22 @@ def test_writes_after_internal_snapshot_keep_snapshot_intact(tmp_path):
     assert run_qemu("convert", "-l", "snapshot.name=s1", "-O", "raw", str(path), str(snap)).returncode == 0
     assert active.read_bytes() == expect
     assert snap.read_bytes() == b"\x01" * (2 << 20) + bytes(2 << 20)
+
+
+@needs_qemu
+@pytest.mark.parametrize("old,new,cs,prealloc", [
+    ("1M", "64M", "512", "off"), ("1M", "3G", "65536", "off"), ("1M", "64M", "512", "falloc"),
+    ("1000000", "5M", "4096", "full"), ("1M", "2M", "4096", "metadata"), ("1000000", "7M", "512", "metadata"),
+    ("1000000", "7M", "65536", "full"),
+])
+def test_grow_byte_identical_to_qemu_resize(tmp_path, old, new, cs, prealloc):
+    from qimg.units import parse_size
+
+    theirs, mine = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
+    for p in (theirs, mine):
+        assert run_qemu("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", str(p), old).returncode == 0
+        run_qemu_io("-c", "write -P 3 0 100k", "-c", "write -P 4 900000 100000", str(p))
+    assert run_qemu("resize", "-q", f"--preallocation={prealloc}", str(theirs), new).returncode == 0
+    with open_image(str(mine), "qcow2", read_only=False) as img:
+        img.truncate(parse_size(new), prealloc)
+    assert mine.read_bytes() == theirs.read_bytes()

@@ -152,57 +152,15 @@ def _set_refcount(block: bytearray, index: int, value: int, width: int) -> None:
 def _grow(filename: str, size: int, prealloc: str) -> None:
     """Open the fresh image and give it its size (qcow2_co_truncate)."""
     from qimg.formats.qcow2 import io
-    from qimg.formats.qcow2.driver import Qcow2Driver, size_to_l1
+    from qimg.formats.qcow2.driver import Qcow2Driver
     from qimg.protocols.file import File
 
     f = File(filename, read_only=False)
     try:
         d = Qcow2Driver.open(f, read_only=False)
         d._modified = True
-        if prealloc in ("off", "metadata"):
-            io.truncate(d, size, prealloc, False)
-        else:
-            io.grow_l1(d, size_to_l1(size, d.cluster_bits))
-            _prealloc_data(d, size, prealloc)
-            d.size = d.header.size = size
-            f.pwrite(24, struct.pack(">Q", size))
+        io.truncate(d, size, prealloc, False)
         d.flush_metadata()
         d._modified = False
     finally:
         f.close()
-
-
-def _prealloc_data(d: Any, size: int, prealloc: str) -> None:
-    """falloc/full: new refcount structures sized for all the data first,
-    then the data area in one piece, then the L2 tables pointing into it."""
-    import numpy as np
-
-    from qimg.formats.qcow2.cluster import QCOW_OFLAG_COPIED
-    from qimg.formats.qcow2.io import _ensure_l2, _l2_offset
-
-    cb, cs = d.cluster_bits, d.cluster_size
-    refs = d.refs
-    file_size = d.file.size
-    last = -1
-    ncl = -(-file_size // cs)
-    rc = refs.get_range(0, ncl)
-    nz = np.flatnonzero(rc)
-    if len(nz):
-        last = int(nz[-1])
-    old_file_size = (last + 1) * cs if last >= 0 else -(-file_size // cs) * cs
-    nb_data = -(-size // cs)
-    nb_l2 = -(-nb_data // (cs // 8)) + 1
-    start = refs.refcount_area(old_file_size, nb_data + nb_l2, True, 0, 0)
-    got = refs.alloc_at(start, nb_data)
-    assert got == nb_data
-    d.file.truncate(start + nb_data * cs, prealloc)
-    l2_bits = cb - 3
-    ci, host = 0, start
-    while ci < nb_data:
-        i = ci & ((1 << l2_bits) - 1)
-        n = min(nb_data - ci, (1 << l2_bits) - i)
-        tab = _ensure_l2(d, ci >> l2_bits)
-        tab[i:i + n] = (np.uint64(host) + np.arange(n, dtype=np.uint64) * np.uint64(cs)) | np.uint64(QCOW_OFLAG_COPIED)
-        d.map.mark_dirty(_l2_offset(d, ci >> l2_bits))
-        ci += n
-        host += n * cs

@@ -400,15 +400,56 @@ def truncate(d: "Qcow2Driver", size: int, prealloc: str, shrink: bool) -> None:
 
     if size < d.size:
         raise UnsupportedError("qcow2 doesn't support shrinking images yet")
-    if prealloc not in ("off", "metadata"):
+    if prealloc not in ("off", "metadata", "falloc", "full"):
         raise UnsupportedError(f"Unsupported preallocation mode '{prealloc}'")
     old = d.size
     grow_l1(d, size_to_l1(size, d.cluster_bits))
+    if prealloc in ("falloc", "full"):
+        preallocate_data(d, old, size, prealloc)
     d.size = d.header.size = size
     d.flush_metadata()
     d.file.pwrite(24, struct.pack(">Q", size))
     if prealloc == "metadata":
         preallocate_metadata(d, old, size)
+
+
+def preallocate_data(d: "Qcow2Driver", old: int, size: int, prealloc: str) -> None:
+    """falloc/full (qcow2_co_truncate): new refcount structures sized for
+    all the new data first, then the data area in one piece past them
+    (fallocated or written), then the L2 entries pointing into it.  A
+    partial cluster at the old end moves there too, its old head copied."""
+    cb, cs = d.cluster_bits, d.cluster_size
+    refs = d.refs
+    d.flush_metadata()
+    file_size = d.file.size
+    ncl = -(-file_size // cs)
+    nz = np.flatnonzero(refs.get_range(0, ncl))
+    old_file_size = (int(nz[-1]) + 1) * cs if len(nz) else ncl * cs
+    first = old >> cb
+    # (Even with no new data QEMU rebuilds the refcount structures.)
+    nb_data = max(0, -(-size // cs) - first)
+    nb_l2 = -(-nb_data // (cs // 8)) + 1
+    start = refs.refcount_area(old_file_size, nb_data + nb_l2, True, 0, 0)
+    got = refs.alloc_at(start, nb_data)
+    if got != nb_data:
+        raise QimgError("Could not allocate the preallocated area")
+    head = old & (cs - 1) if nb_data else 0
+    head_data = bytes(_cluster_content(d, first)[:head]) if head else b""
+    d.file.truncate(start + nb_data * cs, prealloc)
+    if head_data:
+        d.file.pwrite(start, head_data)
+    l2_bits = cb - 3
+    ci, host = first, start
+    while ci < first + nb_data:
+        i = ci & ((1 << l2_bits) - 1)
+        n = min(first + nb_data - ci, (1 << l2_bits) - i)
+        tab = _ensure_l2(d, ci >> l2_bits)
+        old_ents = tab[i:i + n].copy()
+        tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
+        d.map.mark_dirty(_l2_offset(d, ci >> l2_bits))
+        _release(d, old_ents)
+        ci += n
+        host += n * cs
 
 
 def preallocate_metadata(d: "Qcow2Driver", start: int, end: int) -> None:
