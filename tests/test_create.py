@@ -144,6 +144,8 @@ QCOW2_CASES = [
     ["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "sub/x.qcow2"],
     ["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "sub/x.qcow2", "1M"],
     ["-f", "qcow2", "-b", "base.raw", "-F", "raw", "x.qcow2"],
+    ["-f", "qcow2", "-b", "base.raw", "x.qcow2"],
+    ["-f", "qcow2", "-o", "backing_file=nonexist", "-b", "sub/base.qcow2", "-F", "qcow2", "x.qcow2"],
     ["-f", "qcow2", "-b", "sub/base.qcow2", "x.qcow2"],
     ["-f", "qcow2", "-b", "nonexist", "-F", "qcow2", "sub/x.qcow2"],
     ["-f", "qcow2", "-b", "base.qcow2", "-F", "bogus", "sub/x.qcow2"],
