@@ -242,3 +242,30 @@ def test_grow_byte_identical_to_qemu_resize(tmp_path, old, new, cs, prealloc):
     with open_image(str(mine), "qcow2", read_only=False) as img:
         img.truncate(parse_size(new), prealloc)
     assert mine.read_bytes() == theirs.read_bytes()
+
+
+@needs_qemu
+@pytest.mark.parametrize("old,new,cs", [
+    ("4M", "2M", "65536"), ("4M", "1000448", "4096"), ("16M", "1M", "512"), ("4M", "512", "65536"),
+])
+def test_shrink_byte_identical_to_qemu_resize(tmp_path, old, new, cs):
+    from qimg.units import parse_size
+
+    theirs, mine = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
+    assert run_qemu("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", str(theirs), old).returncode == 0
+    run_qemu_io("-c", f"write -P 1 0 {old}", "-c", "write -c -P 2 0 64k", "-c", "write -z 512k 64k", str(theirs))
+    mine.write_bytes(theirs.read_bytes())
+    assert run_qemu("resize", "-q", "--shrink", str(theirs), new).returncode == 0
+    with open_image(str(mine), "qcow2", read_only=False) as img:
+        img.truncate(parse_size(new), "off", True)
+    assert mine.read_bytes() == theirs.read_bytes()
+
+
+def test_resize_refusals(tmp_path):
+    path = tmp_path / "r.qcow2"
+    _fresh(path, 4 << 20)
+    with open_image(str(path), "qcow2", read_only=False) as img:
+        with pytest.raises(QimgError, match="^The new size must be a multiple of 512$"):
+            img.truncate(1000001)
+        with pytest.raises(QimgError, match="^Preallocation can't be used for shrinking an image$"):
+            img.truncate(1 << 20, "falloc", True)

@@ -398,8 +398,13 @@ def grow_l1(d: "Qcow2Driver", new_size: int) -> None:
 def truncate(d: "Qcow2Driver", size: int, prealloc: str, shrink: bool) -> None:
     from qimg.formats.qcow2.driver import size_to_l1
 
+    if size % 512:
+        raise QimgError("The new size must be a multiple of 512")
     if size < d.size:
-        raise UnsupportedError("qcow2 doesn't support shrinking images yet")
+        if prealloc != "off":
+            raise QimgError("Preallocation can't be used for shrinking an image")
+        shrink_image(d, size)
+        return
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise UnsupportedError(f"Unsupported preallocation mode '{prealloc}'")
     old = d.size
@@ -487,3 +492,72 @@ def preallocate_metadata(d: "Qcow2Driver", start: int, end: int) -> None:
     d.flush_metadata()
     if host_end > d.file.size:
         d.file.truncate(host_end)
+
+
+def shrink_image(d: "Qcow2Driver", size: int) -> None:
+    """Cut the image to ``size`` as qcow2_co_truncate does: drop the
+    clusters past it, the L2 tables past the new L1 size and the refcount
+    blocks left counting nothing, then cut the file after its last used
+    cluster.  Freed clusters are punched (QEMU's discard passthrough)."""
+    from qimg.formats.qcow2.driver import size_to_l1
+
+    cb, cs = d.cluster_bits, d.cluster_size
+    l2_bits = cb - 3
+    m, refs = d.map, d.refs
+    punch: list[tuple[int, int]] = []
+    start = -(-size // cs)
+    last = -(-d.size // cs) - 1
+    ci = start
+    while ci <= last:
+        l1i = ci >> l2_bits
+        i = ci & ((1 << l2_bits) - 1)
+        n = min(last + 1 - ci, (1 << l2_bits) - i)
+        if _l2_offset(d, l1i):
+            tab = _ensure_l2(d, l1i)
+            old = tab[i:i + n].copy()
+            if old.any():
+                tab[i:i + n] = 0
+                m.mark_dirty(_l2_offset(d, l1i))
+                kinds = classify(old)
+                for k in np.flatnonzero((kinds == NORMAL) | (kinds == ZERO_ALLOC)):
+                    punch.append((int(old[k]) & L2E_OFFSET_MASK, cs))
+                for k in np.flatnonzero(kinds == COMPRESSED):
+                    punch.append(Z.parse_descriptor(int(old[k]), cb))
+                _release(d, old)
+        ci += n
+    d._zcache = None
+    new_l1 = size_to_l1(size, cb)
+    d.flush_metadata()
+    for l1i in range(len(m.l1) - 1, new_l1 - 1, -1):
+        off = int(m.l1[l1i]) & L2E_OFFSET_MASK
+        if off:
+            refs.free(off, cs)
+            m._l2.pop(off, None)
+            m._l2_dirty.discard(off)
+            m.l1[l1i] = 0
+            punch.append((off, cs))
+    if new_l1 < len(m.l1):
+        d.file.pwrite(m.l1_offset + new_l1 * 8, bytes((len(m.l1) - new_l1) * 8))
+    d.flush_metadata()
+    punch += [(off, cs) for off in refs.shrink_table()]
+    d.flush_metadata()
+    d.size = d.header.size = size
+    d.file.pwrite(24, struct.pack(">Q", size))
+    _punch_free(d, punch)
+    file_size = d.file.size
+    last_used = refs.last_used_cluster(file_size)
+    if (last_used + 1) * cs < file_size:
+        d.file.truncate((last_used + 1) * cs)
+
+
+def _punch_free(d: "Qcow2Driver", ranges: list[tuple[int, int]]) -> None:
+    """Zero freed host clusters that are still unreferenced (as QEMU's
+    discards do): whole clusters only, since compressed data may share."""
+    cs, cb = d.cluster_size, d.cluster_bits
+    refs = d.refs
+    done: set[int] = set()
+    for off, n in ranges:
+        for c in range(off >> cb, (off + n - 1 >> cb) + 1):
+            if c not in done and refs.get(c) == 0:
+                done.add(c)
+                d.file.write_zeroes(c << cb, cs)

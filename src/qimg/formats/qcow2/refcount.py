@@ -326,6 +326,46 @@ class Refcounts:
         self.free(old_offset, old_size * 8)
         return end_offset
 
+    def shrink_table(self) -> list[int]:
+        """Drop refcount blocks that count nothing but themselves
+        (qcow2_shrink_reftable); returns the offsets of the dropped blocks,
+        already forgotten here (the caller punches them)."""
+        self.flush()
+        new = self.table.copy()
+        for i in np.flatnonzero(self.table & np.uint64(REFT_OFFSET_MASK)):
+            off = int(self.table[i]) & REFT_OFFSET_MASK
+            blk = self._load(off)
+            own = off >> self.cluster_bits
+            if (own >> self.block_bits) == i:
+                j = own & (self.block_size - 1)
+                unused = not blk[:j].any() and not blk[j + 1:].any()
+            else:
+                unused = not blk.any()
+            if unused:
+                new[i] = 0
+        self.file.pwrite(self.table_offset, new.astype(">u8").tobytes())
+        dropped = []
+        for i in np.flatnonzero((self.table != 0) & (new == 0)):
+            off = int(self.table[i]) & REFT_OFFSET_MASK
+            own = off >> self.cluster_bits
+            desc = self._block_offset(own >> self.block_bits)
+            if desc:
+                self._load(desc)[own & (self.block_size - 1)] = 0
+                self._dirty.add(desc)
+            self.free_cluster_index = min(self.free_cluster_index, own)
+            self.table[i] = 0
+            dropped.append(off)
+        for off in dropped:
+            self._blocks.pop(off, None)
+            self._dirty.discard(off)
+        return dropped
+
+    def last_used_cluster(self, file_size: int) -> int:
+        """Index of the last cluster with a reference below ``file_size``, or -1."""
+        n = -(-file_size >> self.cluster_bits)
+        nz = np.flatnonzero(self.get_range(0, n))
+        return int(nz[-1]) if len(nz) else -1
+
     @property
     def table_clusters(self) -> int:
         return len(self.table) * 8 >> self.cluster_bits
