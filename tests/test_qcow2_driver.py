@@ -253,7 +253,7 @@ def test_shrink_byte_identical_to_qemu_resize(tmp_path, old, new, cs):
 
     theirs, mine = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
     assert run_qemu("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", str(theirs), old).returncode == 0
-    run_qemu_io("-c", f"write -P 1 0 {old}", "-c", "write -c -P 2 0 64k", "-c", "write -z 512k 64k", str(theirs))
+    run_qemu_io("-c", "write -c -P 2 0 64k", "-c", "write -P 1 64k 3M", "-c", "write -z 512k 64k", str(theirs))
     mine.write_bytes(theirs.read_bytes())
     assert run_qemu("resize", "-q", "--shrink", str(theirs), new).returncode == 0
     with open_image(str(mine), "qcow2", read_only=False) as img:
