@@ -65,6 +65,30 @@ def test_hostile_header_same_as_qemu(tmp_path, offset, fmt, value):
 
 
 @needs_qemu
+@pytest.mark.parametrize("offset,fmt,value", [
+    (116, ">I", 0xFFFF), (116, ">I", 16), (116, ">I", 15), (112, ">I", 0x12345678), (100, ">I", 0xFFF8),
+])
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_hostile_extensions_same_as_qemu(tmp_path, offset, fmt, value, compat):
+    """The backing format extension right after the header: bad lengths,
+    unknown magic, header_length pointing into nowhere."""
+    assert run_qemu("create", "-q", "-f", "raw", str(tmp_path / "base.img"), "1M").returncode == 0
+    path = tmp_path / "t.qcow2"
+    assert run_qemu("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", "-b", "base.img", "-F", "raw",
+                    str(path), "1M").returncode == 0
+    if compat == "0.10":
+        offset -= 40  # v2 extensions start at 72, not 112
+        if offset < 72:
+            return
+    _poke(path, offset, fmt, value)
+    mine = run_qimg("info", str(path))
+    theirs = run_qemu("info", str(path))
+    assert mine.stderr.decode() == theirs.stderr.decode()
+    assert mine.stdout.decode() == theirs.stdout.decode()
+    assert mine.returncode == theirs.returncode
+
+
+@needs_qemu
 @pytest.mark.parametrize("length", [0, 50, 100, 4096, 70000, 196608 + 4])
 def test_truncated_file(tmp_path, length):
     path = tmp_path / "t.qcow2"

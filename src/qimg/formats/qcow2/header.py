@@ -157,22 +157,23 @@ class QCowHeader:
         return h
 
     def _parse_extensions(self, buf: bytes) -> None:
-        if self.version == 2:
-            return
+        # v2 images have extensions too (QEMU writes the backing format one).
         offset = self.header_length
         # Extensions end at the backing file name, or at the end of the cluster.
         end = self.backing_file_offset if self.backing_file_offset else self.cluster_size
-        end = min(end, len(buf), self.cluster_size)
-        while offset + 8 <= end:
-            etype, elen = struct.unpack_from(">II", buf, offset)
+        while offset < end:
+            head = bytes(buf[offset:offset + 8]).ljust(8, b"\0")
+            etype, elen = struct.unpack(">II", head)
             offset += 8
+            if offset > end or elen > end - offset:
+                raise QimgError("Header extension too large")
             if etype == EXT_END:
                 return
-            if elen > end - offset:
-                raise QimgError("ext_magic: 0x%x: Invalid extension length" % etype)
-            data = bytes(buf[offset:offset + elen])
+            data = bytes(buf[offset:offset + elen]).ljust(elen, b"\0")
             if etype == EXT_BACKING_FORMAT:
-                self.backing_format = data.decode("utf-8", "replace")
+                if elen >= 16:
+                    raise QimgError(f"ERROR: ext_backing_format: len={elen} too large (>=16)")
+                self.backing_format = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             elif etype == EXT_FEATURE_TABLE:
                 self.feature_table = [
                     (data[i], data[i + 1], data[i + 2:i + 48].split(b"\0", 1)[0].decode("utf-8", "replace"))
