@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 FORMATS: dict[str, str] = {
     "raw": "qimg.formats.raw:RawDriver",
     "qcow2": "qimg.formats.qcow2.driver:Qcow2Driver",
+    "vdi": "qimg.formats.vdi:VdiDriver",
+    "parallels": "qimg.formats.parallels:ParallelsDriver",
     "qcow": "qimg.formats.qcow:QcowDriver",
     "qed": "qimg.formats.qed:QedDriver",
 }
