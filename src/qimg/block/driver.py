@@ -35,6 +35,10 @@ class Driver:
     supports_compression: ClassVar[bool] = False
     supports_check: ClassVar[bool] = False
     supports_snapshots: ClassVar[bool] = False
+    #: compressed output ends with qemu-img's empty compressed write, on
+    #: which the format rounds its file up to whole sectors (qcow2 does;
+    #: qcow refuses that write and leaves the file as it is)
+    aligns_compressed_end: ClassVar[bool] = True
     #: granularity of allocation reported by ``info`` as cluster-size, if any
     cluster_size: int | None = None
 

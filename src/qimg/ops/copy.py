@@ -299,6 +299,8 @@ def _align_file_end(target: Image) -> None:
     """qemu-img ends compressed output with an empty compressed write, on
     which qcow2 rounds its file up to whole sectors (the packed compressed
     data may end anywhere)."""
+    if not getattr(target.driver, "aligns_compressed_end", True):
+        return
     f = target.driver.data_node
     size = f.size
     if size % SECTOR:
