@@ -177,18 +177,31 @@ def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) 
     start = ci << cb
     head = pos - start
     tail = (n << cb) - head - len(data)
-    if head or tail:
-        buf = bytearray(n << cb)
-        if head:
-            buf[:cs] = _cluster_content(d, ci)
-        if tail:
-            buf[(n - 1) << cb:] = _cluster_content(d, ci + n - 1)
-        buf[head:head + len(data)] = data
-        payload: memoryview | bytearray = buf
-    else:
-        payload = data
     host = d.refs.alloc(n << cb)
-    d.file.pwrite(host, payload)
+    if head or tail:
+        # Only the partial edge clusters are assembled in memory (with the
+        # copy-on-write data around the new bytes); the middle goes straight.
+        first = bytearray(_cluster_content(d, ci)) if head else None
+        last = bytearray(_cluster_content(d, ci + n - 1)) if tail and (n > 1 or not head) else None
+        if n == 1:
+            buf = first if first is not None else last
+            assert buf is not None
+            buf[head:head + len(data)] = data
+            d.file.pwrite(host, buf)
+        else:
+            mid_start = cs if head else 0
+            mid_end = (n - 1) << cb if tail else n << cb
+            if first is not None:
+                first[head:] = data[:cs - head]
+                d.file.pwrite(host, first)
+            if mid_end > mid_start:
+                d.file.pwrite(host + mid_start, data[mid_start - head:mid_end - head])
+            if last is not None:
+                keep = cs - tail
+                last[:keep] = data[len(data) - keep:]
+                d.file.pwrite(host + ((n - 1) << cb), last)
+    else:
+        d.file.pwrite(host, data)
     i = ci & ((1 << (cb - 3)) - 1)
     old = tab[i:i + n].copy()
     tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
