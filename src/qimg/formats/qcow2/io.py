@@ -287,6 +287,7 @@ def _chain_reads_zero(d: "Qcow2Driver", offset: int, length: int) -> bool:
 
 
 def write_zeroes(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
+    length = min(length, d.size - offset)
     if length <= 0:
         return
     cs, cb = d.cluster_size, d.cluster_bits
@@ -359,6 +360,9 @@ def discard(d: "Qcow2Driver", offset: int, length: int) -> None:
     zeroes, on v2 without a backing file they are deallocated, and on v2
     with one nothing happens (stale backing data must not show through)."""
     if d.header.version < 3 and d.backing is not None:
+        return
+    length = min(length, d.size - offset)
+    if length <= 0:
         return
     start, end = _aligned_range(d, offset, length)
     if end > start:
