@@ -39,6 +39,9 @@ class Driver:
     #: which the format rounds its file up to whole sectors (qcow2 does;
     #: qcow refuses that write and leaves the file as it is)
     aligns_compressed_end: ClassVar[bool] = True
+    #: the format answers QEMU's bdrv_get_info: without it ``info`` shows
+    #: neither dirty-flag nor cluster-size
+    supports_get_info: ClassVar[bool] = True
     #: granularity of allocation reported by ``info`` as cluster-size, if any
     cluster_size: int | None = None
 

@@ -214,7 +214,8 @@ def image_info(img: Any) -> dict[str, Any]:
     the QAPI schema's order."""
     drv = img.driver
     info: dict[str, Any] = {"filename": img.filename, "format": img.format}
-    info["dirty-flag"] = bool(drv.dirty_flag())
+    if drv.supports_get_info:
+        info["dirty-flag"] = bool(drv.dirty_flag())
     try:
         info["actual-size"] = img.file.allocated_size()
     except OSError:
