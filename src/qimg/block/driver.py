@@ -89,6 +89,19 @@ class Driver:
     def backing_format(self) -> str | None:
         return None
 
+    def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:
+        """Rewrite the backing file name and format in the image's metadata
+        (None: no backing file), as rebase needs; in one metadata write where
+        the format allows, so a crash leaves the old or the new name."""
+        raise UnsupportedError("Operation not supported")
+
+    def make_empty(self) -> None:
+        """Drop every allocation of this layer so that it reads all from its
+        backing file (qemu's bdrv_make_empty, used by commit).  Formats that
+        cannot do it raise UnsupportedError, which commit ignores as qemu-img
+        ignores ENOTSUP."""
+        raise UnsupportedError("Operation not supported")
+
     # ---- I/O -------------------------------------------------------------
     def block_status(self, offset: int, length: int) -> Extent:
         """State of the run starting at ``offset``, at most ``length`` long.
