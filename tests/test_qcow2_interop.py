@@ -201,3 +201,16 @@ def test_zstd_compressed_clusters_both_ways(tmp_path):
     assert run_qemu("convert", "-O", "raw", str(path), str(raw)).returncode == 0
     assert raw.read_bytes()[3 * 65536:4 * 65536] == text
     assert b"No errors" in run_qemu("check", str(path)).stdout
+
+
+@pytest.mark.parametrize("prealloc", ["off", "metadata", "falloc", "full"])
+def test_map_of_preallocated_images(tmp_path, prealloc):
+    """Metadata-preallocated images have data clusters that are holes in
+    the file: QEMU detects them and reports zeroes there; falloc/full ones
+    are plain data."""
+    path = tmp_path / "p.qcow2"
+    assert run_qemu("create", "-q", "-f", "qcow2", "-o", f"preallocation={prealloc}", str(path), "8M").returncode == 0
+    run_qemu_io("-c", "write -P 1 1M 100k", str(path))
+    mine = run_qimg("map", "--output=json", str(path))
+    theirs = run_qemu("map", "--output=json", str(path))
+    assert mine.stdout.decode() == theirs.stdout.decode()
