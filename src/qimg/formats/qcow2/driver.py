@@ -375,3 +375,14 @@ class Qcow2Driver(Driver):
                 self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
                 self._set_dirty = False
             self._modified = False
+
+    # ---- backing chain (formats/qcow2/backing.py) ------------------------------------
+    def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:
+        from qimg.formats.qcow2.backing import change_backing_file
+
+        change_backing_file(self, backing_file, backing_format)
+
+    def make_empty(self) -> None:
+        from qimg.formats.qcow2.backing import make_empty
+
+        make_empty(self)
