@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -77,6 +78,10 @@ BME_MAX_TABLE_SIZE = 0x8000000
 _BATCH_BYTES = 32 << 20
 
 _U64 = np.uint64
+
+#: drivers a fatal corruption report made unusable (QEMU sets bs->drv to
+#: NULL): a further check of them fails with ENOMEDIUM
+_UNUSABLE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 class _CheckFailed(Exception):
@@ -226,8 +231,9 @@ class RefcountView:
             self.block(int(idx[np.argmax(hit)]) >> self.block_bits)
         return values[idx], hit
 
-    def set(self, cluster: int, value: int) -> None:
-        """Write one refcount in place (its block must exist and be good)."""
+    def set(self, cluster: int, value: int, write: bool = True) -> None:
+        """Write one refcount in place (its block must exist and be good);
+        with ``write`` False only this view sees the change."""
         index = cluster >> self.block_bits
         blk = self.block(index)
         assert isinstance(blk, np.ndarray)
@@ -236,6 +242,8 @@ class RefcountView:
         if self._dense is not None and cluster < len(self._dense[0]):
             self._dense[0][cluster] = value
         offset = int(self.reftable[index]) & REFT_OFFSET_MASK
+        if not write:
+            return
         if self.order >= 3:
             width = 1 << (self.order - 3)
             self.file.pwrite(offset + within * width, int(value).to_bytes(width, "big"))
@@ -307,6 +315,10 @@ class Qcow2Checker:
         self.writable = not driver.read_only
         self.signaled = False
         self.wrote = False
+        #: a fatal corruption report disabled the driver (bs->drv = NULL)
+        self.unusable = False
+        #: refcount updates not written because of that
+        self.unflushed: list[tuple[int, int]] = []
         self.csize_shift = 62 - (h.cluster_bits - 8)
         self.csize_mask = (1 << (h.cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
@@ -342,6 +354,11 @@ class Qcow2Checker:
         if fatal:
             self.report(f"qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed")
             self._set_incompat(self.header.incompatible_features | INCOMPAT_CORRUPT)
+            self.unusable = True
+            try:
+                _UNUSABLE.add(self.driver)
+            except TypeError:
+                pass
         else:
             self.report(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed")
 
@@ -430,7 +447,12 @@ class Qcow2Checker:
         result.add(ref_res, True)
         result.add(snap_res, False)
         if self.fix and result.check_errors == 0 and result.corruptions == 0:
-            # qcow2_mark_clean, then qcow2_mark_consistent
+            # qcow2_mark_clean, then qcow2_mark_consistent; both flush the
+            # caches first when they have a bit to clear.
+            if self.unflushed and self.header.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT):
+                for cluster, value in self.unflushed:
+                    self.view.set(cluster, value)
+                self.wrote = True
             self._set_incompat(self.header.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT))
             self._done()
         return result
@@ -920,12 +942,19 @@ class Qcow2Checker:
 
     def _grow_file(self, size: int) -> int | None:
         """Extend the file for a refcount block past its end; errno or None."""
-        if size > (1 << 63) - 1 or -(-size // self.cs) > 0x7FFFFFFF:
-            return 27  # EFBIG: more clusters than the check can count
+        if size > (1 << 63) - 1:
+            return 22  # EINVAL
+        if -(-size // self.cs) > 0x7FFFFFFF:
+            # More clusters than the check may count: refuse as a file system
+            # refuses a file that large, rather than allocate without bound.
+            self.error_report(f"Could not resize file: {os.strerror(27)}")
+            return 27
         try:
             self.file.truncate(size)
         except OSError as e:
-            return e.errno or 5
+            err = e.errno or 5
+            self.error_report(f"Could not resize file: {os.strerror(err)}")
+            return err
         self.wrote = True
         return None
 
@@ -968,6 +997,14 @@ class Qcow2Checker:
         # Raise refcounts before lowering any: a crash in between leaves
         # leaks, never a cluster in use with too low a refcount.
         for batch in (raising, lowering):
+            if self.unusable:
+                # QEMU keeps these in its refcount cache, which a driver
+                # made unusable never writes back unless the image is then
+                # marked consistent.
+                for cluster, value in batch:
+                    self.view.set(cluster, value, write=False)
+                self.unflushed.extend(batch)
+                continue
             for cluster, value in batch:
                 self.view.set(cluster, value)
             if batch:
@@ -1170,6 +1207,12 @@ def check_image(driver: Any, repair: str | None = None,
     failed: ...").
     """
     fix = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}[repair]
+    try:
+        unusable = driver in _UNUSABLE
+    except TypeError:
+        unusable = False
+    if unusable:
+        raise QimgError("Check failed: No medium found", 1)
     sys.stdout.flush()
     try:
         checker = Qcow2Checker(driver, fix, report or _stderr, error_report or _error_report)
