@@ -58,21 +58,33 @@ class RebasePlan:
     owns_new: bool = False
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+def has_protocol(name: str) -> bool:
+    """path_has_protocol: a "proto:" prefix before any slash."""
+    return ":" in name.split("/", 1)[0]
 
 
-def find_backing_image(top: Image, path: str) -> Image | None:
-    """The image below ``top`` in its chain that is the file ``path``
-    (bdrv_find_backing_image)."""
-    img = top.backing
-    while img is not None:
-        if _same_file(img.filename, path):
-            return img
-        img = img.backing
+def _realpath(path: str) -> str | None:
+    return os.path.realpath(path) if os.path.exists(path) else None
+
+
+def find_backing_image(top: Image, name: str) -> Image | None:
+    """The image in ``top``'s chain (``top`` excluded) that ``name`` names,
+    as bdrv_find_backing_image: a relative ``name`` is taken relative to
+    each overlay's directory in turn and compared, canonicalised, with that
+    overlay's backing file; names with a protocol compare as strings."""
+    curr = top
+    while curr.backing is not None:
+        below = curr.backing
+        stored = curr.driver.backing_filename or ""
+        if has_protocol(name) or has_protocol(stored):
+            if name in (stored, resolve_backing(curr.filename, stored)):
+                return below
+        else:
+            mine = _realpath(resolve_backing(curr.filename, name))
+            theirs = _realpath(resolve_backing(curr.filename, stored)) if stored else None
+            if mine is not None and mine == theirs:
+                return below
+        curr = below
     return None
 
 
