@@ -111,9 +111,12 @@ def _l2_offset(d: "Qcow2Driver", l1_index: int) -> int:
     return int(d.map.l1[l1_index]) & L2E_OFFSET_MASK
 
 
-def _release(d: "Qcow2Driver", old: np.ndarray) -> None:
+def _release(d: "Qcow2Driver", old: np.ndarray, punch: bool = False) -> None:
     """Drop the references held by the (already replaced) L2 entries ``old``:
-    write the new L2 tables first, then decrease the refcounts."""
+    write the new L2 tables first, then decrease the refcounts.  ``punch``:
+    the guest asked for it (discard, zero write with unmap), so clusters
+    left unreferenced are discarded in the file too, as QEMU passes such
+    requests down."""
     kinds = classify(old)
     hosts = old & _U64(L2E_OFFSET_MASK)
     plain = np.flatnonzero((kinds == NORMAL) | (kinds == ZERO_ALLOC))
@@ -132,6 +135,10 @@ def _release(d: "Qcow2Driver", old: np.ndarray) -> None:
     for i in comp:
         host, size = Z.parse_descriptor(int(old[i]), d.cluster_bits)
         refs.free(host, size)
+    if punch:
+        ranges = [(int(h), cs) for h in hosts[plain]]
+        ranges += [Z.parse_descriptor(int(old[i]), d.cluster_bits) for i in comp]
+        _punch_free(d, ranges)
     # Packing compressed data must not go on in a cluster that was just
     # freed (it may be handed out whole next).
     fbo = d._free_byte_offset
@@ -152,16 +159,32 @@ def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
         last = min((end - 1) >> cb, table_end - 1)
         ents = d.map.entries(ci, last - ci + 1)
         kinds = classify(ents)
-        inplace = (kinds == NORMAL) & ((ents & _U64(QCOW_OFLAG_COPIED)) != 0)
+        # Clusters we own alone (COPIED) are written in place, zero clusters
+        # with a host cluster too (as QEMU's handle_copied does).
+        inplace = ((kinds == NORMAL) | (kinds == ZERO_ALLOC)) & ((ents & _U64(QCOW_OFLAG_COPIED)) != 0)
         change = np.flatnonzero(inplace != inplace[0])
         n = int(change[0]) if len(change) else len(ents)
         if inplace[0]:
-            _, n, first = d.map.run(ci, n)
+            kind, n, first = d.map.run(ci, n)
             seg_end = min(end, (ci + n) << cb)
-            host = (first & L2E_OFFSET_MASK) + (pos & (cs - 1))
+            base = first & L2E_OFFSET_MASK
+            host = base + (pos & (cs - 1))
+            if kind == ZERO_ALLOC:
+                # The rest of the edge clusters must read as zeroes after.
+                run_end = min(d.size, (ci + n) << cb)
+                if pos & (cs - 1):
+                    d.file.pwrite(base, bytes(pos & (cs - 1)))
+                if seg_end < run_end and seg_end & (cs - 1):
+                    tail_end = min(((seg_end >> cb) + 1) << cb, (ci + n) << cb)
+                    d.file.pwrite(base + seg_end - (ci << cb), bytes(tail_end - seg_end))
             d.file.pwrite(host, data[pos - offset:seg_end - offset])
-            if d._zcache is not None:
-                d._zcache = None
+            d._zcache = None
+            if kind == ZERO_ALLOC:
+                tab = _ensure_l2(d, ci >> l2_bits)
+                i = ci & ((1 << l2_bits) - 1)
+                k = ((seg_end - 1) >> cb) - ci + 1
+                tab[i:i + k] &= ~_U64(QCOW_OFLAG_ZERO)
+                d.map.mark_dirty(_l2_offset(d, ci >> l2_bits))
         else:
             seg_end = min(end, (ci + n) << cb)
             _alloc_write(d, ci, n, pos, data[pos - offset:seg_end - offset])
@@ -351,7 +374,7 @@ def _zeroize(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
             tab[i:i + n] = new
             d.map.mark_dirty(_l2_offset(d, l1i))
             d._zcache = None
-            _release(d, np.where(drop, old, _U64(0)))
+            _release(d, np.where(drop, old, _U64(0)), punch=True)
         ci += n
 
 
@@ -388,7 +411,7 @@ def _discard_clusters(d: "Qcow2Driver", offset: int, length: int) -> None:
             tab[i:i + n] = new
             d.map.mark_dirty(_l2_offset(d, l1i))
             d._zcache = None
-            _release(d, np.where(allocated, old, _U64(0)))
+            _release(d, np.where(allocated, old, _U64(0)), punch=True)
         ci += n
 
 
@@ -568,13 +591,23 @@ def shrink_image(d: "Qcow2Driver", size: int) -> None:
 
 
 def _punch_free(d: "Qcow2Driver", ranges: list[tuple[int, int]]) -> None:
-    """Zero freed host clusters that are still unreferenced (as QEMU's
-    discards do): whole clusters only, since compressed data may share."""
-    cs, cb = d.cluster_size, d.cluster_bits
+    """Zero freed host clusters that are now unreferenced (as QEMU's
+    discards do): whole clusters only, since compressed data may share,
+    one hole per contiguous run."""
+    if not ranges:
+        return
+    cb = d.cluster_bits
     refs = d.refs
-    done: set[int] = set()
-    for off, n in ranges:
-        for c in range(off >> cb, (off + n - 1 >> cb) + 1):
-            if c not in done and refs.get(c) == 0:
-                done.add(c)
-                d.file.write_zeroes(c << cb, cs)
+    parts = [np.arange(off >> cb, ((off + n - 1) >> cb) + 1, dtype=np.int64) for off, n in ranges]
+    clusters = np.unique(np.concatenate(parts))
+    breaks = np.flatnonzero(np.diff(clusters) != 1) + 1
+    file_size = d.file.size
+    for run in np.split(clusters, breaks):
+        first = int(run[0])
+        free = np.concatenate(([0], (refs.get_range(first, len(run)) == 0).astype(np.int8), [0]))
+        edges = np.diff(free)
+        for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            start = (first + int(a)) << cb
+            end = min((first + int(b)) << cb, file_size)
+            if end > start:
+                d.file.write_zeroes(start, end - start)
