@@ -251,7 +251,7 @@ def test_writes_after_internal_snapshot_keep_snapshot_intact(tmp_path):
 
 @needs_qemu
 @pytest.mark.parametrize("old,new,cs,prealloc", [
-    ("1M", "64M", "512", "off"), ("1M", "3G", "65536", "off"), ("1M", "64M", "512", "falloc"),
+    ("1M", "12M", "512", "off"), ("1M", "3G", "65536", "off"), ("1M", "12M", "512", "falloc"),
     ("1000000", "5M", "4096", "full"), ("1M", "2M", "4096", "metadata"), ("1000000", "7M", "512", "metadata"),
     ("1000000", "7M", "65536", "full"),
 ])
