@@ -293,3 +293,20 @@ def test_resize_refusals(tmp_path):
             img.truncate(1000001)
         with pytest.raises(QimgError, match="^Preallocation can't be used for shrinking an image$"):
             img.truncate(1 << 20, "falloc", True)
+
+
+@needs_qemu
+def test_write_onto_metadata_marks_corrupt_and_fails(tmp_path):
+    """A damaged L2 entry pointing at the refcount table: the write fails
+    with EIO, the image is marked corrupt, the metadata survives."""
+    path = tmp_path / "o.qcow2"
+    assert run_qemu("create", "-q", "-f", "qcow2", str(path), "1M").returncode == 0
+    run_qemu_io("-c", "write -P 1 0 64k", str(path))
+    _poke(path, 0x40000, ">Q", (1 << 63) | 0x10000)
+    before = path.read_bytes()[0x10000:0x20000]
+    img = open_image(str(path), "qcow2", read_only=False)
+    with pytest.raises(QimgError, match="^Input/output error$"):
+        img.write(0, b"x" * 512)
+    img.close()
+    assert path.read_bytes()[0x10000:0x20000] == before
+    assert "corrupt: true" in run_qemu("info", str(path)).stdout.decode()

@@ -79,6 +79,49 @@ def _cluster_content(d: "Qcow2Driver", ci: int) -> bytearray:
     return bytearray(cs)
 
 
+# ---- metadata overlap ------------------------------------------------------
+def check_overlap(d: "Qcow2Driver", host: int, length: int) -> None:
+    """Refuse a data write that would land on metadata (a damaged L2 entry
+    pointing at it): mark the image corrupt and fail, as QEMU's
+    qcow2_pre_write_overlap_check does."""
+    cb = d.cluster_bits
+    first, last = host >> cb, (host + length - 1) >> cb
+    m, h = d.map, d.header
+
+    def hits(start: int, nbytes: int) -> bool:
+        return nbytes > 0 and start >> cb <= last and (start + nbytes - 1) >> cb >= first
+
+    name = None
+    if first == 0:
+        name = "qcow2_header"
+    elif hits(m.l1_offset, len(m.l1) * 8):
+        name = "active L1 table"
+    elif d._refs is not None and hits(d._refs.table_offset, len(d._refs.table) * 8):
+        name = "refcount table"
+    elif d._refs is None and hits(h.refcount_table_offset, h.refcount_table_clusters << cb):
+        name = "refcount table"
+    elif h.nb_snapshots and hits(h.snapshots_offset, 1):
+        name = "snapshot table"
+    else:
+        l2 = (m.l1 & _U64(L2E_OFFSET_MASK)) >> _U64(cb)
+        if ((l2 >= first) & (l2 <= last) & (l2 != 0)).any():
+            name = "active L2 table"
+        else:
+            rt = d.refs.table & _U64(L2E_OFFSET_MASK)
+            rb = rt >> _U64(cb)
+            if ((rb >= first) & (rb <= last) & (rt != 0)).any():
+                name = "refcount block"
+    if name is None:
+        return
+    import sys
+
+    if not h.incompatible_features & 2 and h.version >= 3:
+        d._write_incompat(h.incompatible_features | 2)
+        sys.stderr.write(f"qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+                         f"(overlaps with {name}); further corruption events will be suppressed\n")
+    raise QimgError("Input/output error")
+
+
 # ---- allocation helpers ----------------------------------------------------
 def _ensure_l2(d: "Qcow2Driver", l1_index: int) -> np.ndarray:
     """The L2 table for ``l1_index``, allocated if needed (l2_allocate)."""
@@ -170,6 +213,7 @@ def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
             base = first & L2E_OFFSET_MASK
             host = base + (pos & (cs - 1))
             if kind == ZERO_ALLOC:
+                check_overlap(d, base, n << cb)
                 # The rest of the edge clusters must read as zeroes after.
                 run_end = min(d.size, (ci + n) << cb)
                 if pos & (cs - 1):
@@ -177,6 +221,7 @@ def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
                 if seg_end < run_end and seg_end & (cs - 1):
                     tail_end = min(((seg_end >> cb) + 1) << cb, (ci + n) << cb)
                     d.file.pwrite(base + seg_end - (ci << cb), bytes(tail_end - seg_end))
+            check_overlap(d, host, seg_end - pos)
             d.file.pwrite(host, data[pos - offset:seg_end - offset])
             d._zcache = None
             if kind == ZERO_ALLOC:
@@ -201,6 +246,7 @@ def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) 
     head = pos - start
     tail = (n << cb) - head - len(data)
     host = d.refs.alloc(n << cb)
+    check_overlap(d, host, n << cb)
     if head or tail:
         # Only the partial edge clusters are assembled in memory (with the
         # copy-on-write data around the new bytes); the middle goes straight.
@@ -244,6 +290,7 @@ def write_compressed_raw(d: "Qcow2Driver", offset: int, comp: bytes) -> None:
     if int(tab[i]) & L2E_OFFSET_MASK:
         raise QimgError("Input/output error")
     host = _alloc_bytes(d, len(comp))
+    check_overlap(d, host, len(comp))
     d.file.pwrite(host, comp)
     d._zcache = None
     tab[i] = _U64(Z.make_descriptor(host, len(comp), cb))
