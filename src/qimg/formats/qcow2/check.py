@@ -419,9 +419,13 @@ class Qcow2Checker:
         return (dir_offset, dir_size) if nb_bitmaps else None
 
     def _set_incompat(self, features: int) -> None:
-        if self.header.version < 3 or features == self.header.incompatible_features:
+        """Set the incompatible feature bits; a version 2 header has no
+        field for them, so there they live in memory only, as in QEMU."""
+        if features == self.header.incompatible_features:
             return
         self.header.incompatible_features = features
+        if self.header.version < 3:
+            return
         self.file.pwrite(72, struct.pack(">Q", features))
         self.file.flush()
         self.wrote = True
@@ -548,10 +552,10 @@ class Qcow2Checker:
         p = _Pass(self.file.size)
         try:
             self._calculate(p, res, fix)
-        finally:
+        except _CheckFailed:
             for _, _, _, text in sorted(p.msgs):
                 self.report(text)
-            p.msgs.clear()
+            raise
         counts = self._count(p, res, nb)
         for _, _, _, text in sorted(p.msgs):
             self.report(text)
