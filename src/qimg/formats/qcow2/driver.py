@@ -8,6 +8,15 @@ Metadata is written back lazily, in QEMU's order: data first, then refcount
 blocks, then L2 tables, then L1 entries.  References are only dropped after
 the L2 tables no longer pointing at the clusters are on disk, so a crash
 leaves a consistent image or, at worst, leaked clusters.
+
+What other modules may rely on (an open Qcow2Driver ``d``):
+  d.file, d.header (QCowHeader), d.cluster_size, d.cluster_bits, d.size;
+  d.map (cluster.ClusterMap: L1 array, cached L2 tables), d.refs
+  (refcount.Refcounts); d.flush_metadata(); d.drop_caches() after
+  metadata was rewritten behind the driver's back (check --repair);
+  d.write_compressed_raw(offset, data) with data from
+  compress.compress_cluster(data, cluster_size, d.header.compression_type).
+Create errors carry no "FILENAME: " prefix (the create command adds it).
 """
 
 from __future__ import annotations
