@@ -55,6 +55,27 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("seed", [1, 3, 7, 14, 20, 26, 33, 51, 85, 114])
 def test_scrambled_metadata(tmp_path: Path, base: Path, seed: int) -> None:
+    _compare_scrambled(tmp_path, base, seed)
+
+
+@pytest.mark.parametrize("create", [["-o", "refcount_bits=1"], ["-o", "compat=0.10"], ["compressed"]])
+@pytest.mark.parametrize("seed", [17, 27, 39])
+def test_scrambled_other_layouts(tmp_path: Path, create: list[str], seed: int) -> None:
+    src = tmp_path / "src.qcow2"
+    if create == ["compressed"]:
+        raw = tmp_path / "src.raw"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"], check=True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 7 0 256k", "-c", "write -P 8 4M 64k", str(raw)],
+                       check=True, capture_output=True)
+        subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(src)], check=True)
+    else:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *create, str(src), "16M"], check=True)
+        subprocess.run(["qemu-io", "-c", "write -P 7 0 256k", "-c", "write -P 8 4M 64k", str(src)],
+                       check=True, capture_output=True)
+    _compare_scrambled(tmp_path, src, seed)
+
+
+def _compare_scrambled(tmp_path: Path, base: Path, seed: int) -> None:
     theirs, mine = twin_copies(base, tmp_path)
     _scramble(theirs, seed)
     _scramble(mine, seed)
