@@ -217,3 +217,26 @@ def test_corrupt_bit_cleared_by_repair(tmp_path: Path, base_image: Path) -> None
     assert rd64(mine, 72) & 2 == 0
     assert mine.read_bytes() == theirs.read_bytes() or \
         qemu(["info", "x.qcow2"], mine.parent) == qemu(["info", "x.qcow2"], theirs.parent)
+
+
+@pytest.mark.parametrize("damage", ["shared_refcount_low", "shared_refcount_high", "copied_set_on_shared"])
+def test_snapshot_shared_clusters(tmp_path: Path, damage: str) -> None:
+    """Clusters shared with an internal snapshot have refcount 2 and no
+    OFLAG_COPIED; break either and compare check and repair."""
+    src = _make(tmp_path / "src.qcow2", [], ["write -P 1 0 1M"])
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(src)], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 2 512k 128k", str(src)], check=True, capture_output=True)
+    theirs, mine = twin_copies(src, tmp_path)
+    for p in (theirs, mine):
+        entry = rd64(p, l2_pos(p, 0, 0))
+        cluster = (entry & 0x00FFFFFFFFFFFE00) >> header(p)["cluster_bits"]
+        if damage == "shared_refcount_low":
+            set_refcount(p, cluster, 1)
+        elif damage == "shared_refcount_high":
+            set_refcount(p, cluster, 3)
+        else:
+            wr64(p, l2_pos(p, 0, 0), entry | (1 << 63))
+    for mode in (None, "leaks", "all"):
+        repair = [] if mode is None else ["-r", mode]
+        _same(["check", *repair, "x.qcow2"], theirs.parent, mine.parent)
+    assert qemu(["check", "x.qcow2"], mine.parent) == qemu(["check", "x.qcow2"], theirs.parent)
