@@ -93,6 +93,13 @@ class _CheckFailed(Exception):
         self.errno = err
 
 
+# ---- the on-disk refcounts ---------------------------------------------------
+# The checker must not trust the driver's allocator (the very thing it
+# checks), so it keeps its own view of the refcount table and blocks: whole
+# refcount blocks are decoded into numpy arrays on first use, and single
+# entries are written back in place when a repair changes them.  Entries
+# narrower than a byte are packed from the least significant bit up.
+
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
 #: QEMU's BDRV_MAX_LENGTH: requests ending past it fail with EIO
@@ -1129,8 +1136,10 @@ class Qcow2Checker:
             # Normal and preallocated-zero clusters: those with a host cluster.
             offs = e & _U64(L2E_OFFSET_MASK)
             data = offs != 0
-            if self.has_data_file and not self.extl2:
-                data |= ((e & _U64(OFLAG_ZERO | OFLAG_COPIED)) == _U64(OFLAG_COPIED))
+            if self.has_data_file:
+                # With a data file, host offset 0 is data when OFLAG_COPIED says so.
+                flags = OFLAG_COPIED if self.extl2 else OFLAG_ZERO | OFLAG_COPIED
+                data |= (e & _U64(flags)) == _U64(OFLAG_COPIED)
             if ((e & _U64(OFLAG_COMPRESSED)) != 0).any():
                 data &= (e & _U64(OFLAG_COMPRESSED)) == 0
             where = np.flatnonzero(data)
