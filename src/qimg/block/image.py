@@ -184,6 +184,25 @@ class Image:
         self.close()
 
 
+def _file_id(file: File) -> tuple[int, int]:
+    st = os.fstat(file.fd)
+    return st.st_dev, st.st_ino
+
+
+def _check_loop(file: File, filename: str, read_only: bool, seen: dict[tuple[int, int], bool] | None) -> None:
+    """A backing file that is already open above it in the chain is a
+    loop.  qemu-img reports it as a lock conflict when that image is open
+    read-write; read-only, qemu-img would recurse for ever and we stop."""
+    if not seen:
+        return
+    opened_read_only = seen.get(_file_id(file))
+    if opened_read_only is None:
+        return
+    if not opened_read_only:
+        raise QimgError(f'Failed to get shared "write" lock\nIs another process using the image [{filename}]?')
+    raise QimgError(f"Backing file '{filename}' creates an infinite loop.")
+
+
 def open_image(
     filename: str,
     fmt: str | None = None,
@@ -191,6 +210,7 @@ def open_image(
     backing: bool = True,
     options: dict[str, Any] | None = None,
     _depth: int = 0,
+    _seen: dict[tuple[int, int], bool] | None = None,
 ) -> Image:
     """Open ``filename`` as ``fmt`` (probed when None), with its backing chain.
 
@@ -198,6 +218,7 @@ def open_image(
     """
     file = File(filename, read_only=read_only)
     try:
+        _check_loop(file, filename, read_only, _seen)
         probed = fmt is None
         if fmt is None:
             fmt = probe_format(file.pread(0, PROBE_BYTES), filename)
@@ -215,7 +236,10 @@ def open_image(
             raise QimgError(f"Could not open '{filename}': Backing chain too deep (possible loop)")
         path = resolve_backing(filename, driver.backing_filename)
         try:
-            img.backing = open_image(path, driver.backing_format, read_only=True, _depth=_depth + 1)
+            seen = {} if _seen is None else _seen
+            seen[_file_id(file)] = read_only
+            img.backing = open_image(path, driver.backing_format, read_only=True, _depth=_depth + 1,
+                                     _seen=seen)
         except QimgError as e:
             img.close()
             raise QimgError(f"Could not open backing file: {e.message}", e.code) from None
