@@ -107,15 +107,19 @@ def plan_safe(top: Image, backing: str, backing_fmt: str | None) -> RebasePlan:
 
 
 def _allocated_above(img: Image | None, base: Image | None, offset: int, length: int) -> tuple[bool, int]:
-    """bdrv_is_allocated_above(img, base, include_base=false)."""
+    """bdrv_is_allocated_above(img, base, include_base=false): (allocated,
+    run length).  Past the end of a shorter layer below ``img`` the chain
+    reads zeroes that count as allocated there, as in QEMU."""
     n = length
     p = img
     while p is not None and p is not base:
-        if offset < p.size:
-            ext = p.block_status(offset, n)
-            if ext.allocated:
-                return True, ext.length
-            n = min(n, ext.length) if ext.length > 0 else n
+        if offset >= p.size:
+            return p is not img, n
+        ext = p.block_status(offset, n)
+        if ext.allocated:
+            return True, ext.length
+        if ext.length > 0:
+            n = min(n, ext.length)
         p = p.backing
     return False, n
 

@@ -76,8 +76,38 @@ def make_empty(d: "Qcow2Driver") -> None:
             and 3 + l1_clusters <= refblock_entries and h.crypt_method != 2 and not h.data_file):
         _make_completely_empty(d, l1_clusters)
     else:
-        d.discard(0, d.size)
+        _discard_all(d)
         d.flush()
+
+
+def _discard_all(d: "Qcow2Driver") -> None:
+    """qcow2_cluster_discard(full_discard) over the whole image: every L2
+    entry becomes unallocated (not a zero cluster: the backing file must
+    show through) and the clusters are released after the tables are
+    written, so a crash leaks clusters at worst.  A table at a time."""
+    import numpy as np
+
+    from qimg.formats.qcow2 import io
+    from qimg.formats.qcow2.cluster import L2E_OFFSET_MASK
+
+    d._writable()
+    cb = d.cluster_bits
+    per_table = 1 << (cb - 3)
+    total = -(-d.size // d.cluster_size)
+    m = d.map
+    for l1i in range(min(len(m.l1), -(-total // per_table))):
+        if not int(m.l1[l1i]) & L2E_OFFSET_MASK:
+            continue
+        ci = l1i * per_table
+        n = min(per_table, total - ci)
+        old = m.entries(ci, n).copy()
+        if not old.any():
+            continue
+        tab = io._ensure_l2(d, l1i)
+        tab[:n] = 0
+        m.mark_dirty(io._l2_offset(d, l1i))
+        d._zcache = None
+        io._release(d, old, punch=True)
 
 
 def _refblock_prefix(count: int, refcount_bits: int) -> bytes:

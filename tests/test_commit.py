@@ -1,0 +1,99 @@
+"""qemu-img commit: the same command run by qemu-img and qimg on twin
+chains; output, exit code and every file of the chain compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_qemu, run_qemu, run_qimg, same
+from test_chains import (assert_same_image, assert_same_output, io, make_chain, qemu_ok, run_both,
+                         twins)
+
+CHAIN = ("base.raw", "mid.qcow2", "top.qcow2")
+
+
+def _commit_case(tmp_path: Path, args: list[str], build=make_chain, files=CHAIN, progress=False) -> None:
+    q, m = twins(tmp_path, build)
+    mine, theirs = run_both(args, q, m)
+    assert_same_output(mine, theirs, progress=progress)
+    for name in files:
+        assert_same_image(name, q, m, fmt="raw" if name.endswith(".raw") else None)
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [
+    ["commit", "top.qcow2"],
+    ["commit", "-d", "top.qcow2"],
+    ["commit", "-b", "base.raw", "top.qcow2"],
+    ["commit", "-q", "-b", "mid.qcow2", "top.qcow2"],
+    ["commit", "-f", "qcow2", "-t", "none", "-r", "1M", "top.qcow2"],
+    ["commit", "--image-opts", "driver=qcow2,file.filename=top.qcow2"],
+])
+def test_commit_qcow2_over_qcow2_over_raw(tmp_path: Path, args: list[str]) -> None:
+    _commit_case(tmp_path, args)
+
+
+@needs_qemu
+def test_commit_progress(tmp_path: Path) -> None:
+    _commit_case(tmp_path, ["commit", "-p", "top.qcow2"], progress=True)
+
+
+@needs_qemu
+def test_commit_into_qcow2_base_grows_it(tmp_path: Path) -> None:
+    def build(d: Path) -> None:
+        make_chain(d, base_fmt="qcow2")
+    _commit_case(tmp_path, ["commit", "-b", "base.qcow2", "top.qcow2"], build,
+                 files=("base.qcow2", "mid.qcow2", "top.qcow2"))
+
+
+@needs_qemu
+def test_commit_empties_a_v2_top_by_discarding(tmp_path: Path) -> None:
+    def build(d: Path) -> None:
+        qemu_ok("create", "-q", "-f", "qcow2", "base.qcow2", "2M", cwd=d)
+        io("base.qcow2", "qcow2", "write -P 1 0 2M", cwd=d)
+        qemu_ok("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2",
+                "top.qcow2", cwd=d)
+        io("top.qcow2", "qcow2", "write -P 2 64k 64k", "write -z 1M 128k", cwd=d)
+    _commit_case(tmp_path, ["commit", "top.qcow2"], build, files=("base.qcow2", "top.qcow2"))
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [
+    ["commit"],
+    ["commit", "a", "b"],
+    ["commit", "-x", "top.qcow2"],
+    ["commit", "-b", "nothere", "top.qcow2"],
+    ["commit", "-b", "", "top.qcow2"],
+    ["commit", "-b", "top.qcow2", "top.qcow2"],
+    ["commit", "-r", "bad", "top.qcow2"],
+    ["commit", "-t", "bad", "top.qcow2"],
+    ["commit", "-f", "raw", "top.qcow2"],
+    ["commit", "nothere.qcow2"],
+    ["commit", "-b", "mid.qcow2", "base.raw"],
+])
+def test_commit_errors(tmp_path: Path, args: list[str]) -> None:
+    _commit_case(tmp_path, args)
+
+
+@needs_qemu
+def test_commit_standalone_image(tmp_path: Path) -> None:
+    qemu_ok("create", "-q", "-f", "qcow2", "solo.qcow2", "1M", cwd=tmp_path)
+    mine, theirs = same(["commit", "solo.qcow2"], str(tmp_path))
+    assert_same_output(mine, theirs)
+
+
+@needs_qemu
+def test_commit_top_reads_as_before_from_the_base(tmp_path: Path) -> None:
+    """The whole chain's view survives a commit -b into the bottom, and the
+    committed top, emptied, reads all from the chain."""
+    make_chain(tmp_path)
+    before = (tmp_path / "before.raw")
+    qemu_ok("convert", "-O", "raw", "top.qcow2", str(before), cwd=tmp_path)
+    p = run_qimg("commit", "-b", "base.raw", "top.qcow2", cwd=str(tmp_path))
+    assert p.returncode == 0 and p.stdout == b"Image committed.\n"
+    assert run_qemu("compare", "-F", "raw", "top.qcow2", str(before), cwd=str(tmp_path)).returncode == 0
+    base_view = tmp_path / "base_view.raw"
+    qemu_ok("convert", "-f", "raw", "-O", "raw", "base.raw", str(base_view), cwd=tmp_path)
+    assert base_view.read_bytes() == before.read_bytes()
