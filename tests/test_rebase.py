@@ -1,0 +1,120 @@
+"""qemu-img rebase: the same command run by qemu-img and qimg on twin
+chains; output, exit code and the rebased file compared (byte for byte where
+qemu-img's own result is deterministic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_qemu, run_qemu
+from test_chains import (assert_same_image, assert_same_output, info_json, io, make_chain, qemu_ok, run_both,
+                         twins)
+
+
+def _build(d: Path) -> None:
+    make_chain(d)
+    # new backing files: a copy of the base, a shorter and a longer variant
+    qemu_ok("convert", "-f", "raw", "-O", "raw", "base.raw", "copy.raw", cwd=d)
+    io("copy.raw", "raw", "write -P 8 2M 64k", "write -P 1 3200k 1k", cwd=d)
+    qemu_ok("create", "-q", "-f", "qcow2", "short.qcow2", "2M", cwd=d)
+    io("short.qcow2", "qcow2", "write -P 1 0 1M", "write -z 1M 64k", cwd=d)
+    qemu_ok("create", "-q", "-f", "qcow2", "long.qcow2", "9M", cwd=d)
+    io("long.qcow2", "qcow2", "write -P 6 6M 2M", cwd=d)
+
+
+def _rebase_case(tmp_path: Path, args: list[str], byte_identical: bool = True, build=_build) -> None:
+    q, m = twins(tmp_path, build)
+    mine, theirs = run_both(args, q, m)
+    assert_same_output(mine, theirs)
+    name = args[-1]
+    if not (q / name).exists():
+        return
+    if run_qemu("map", name, cwd=str(q)).returncode == 0:
+        assert_same_image(name, q, m)
+    else:  # a backing file that does not exist (unsafe rebase)
+        assert info_json(name, m) == info_json(name, q)
+    if byte_identical:
+        assert (m / name).read_bytes() == (q / name).read_bytes()
+    if (q / "base.raw").exists():
+        assert (m / "base.raw").read_bytes() == (q / "base.raw").read_bytes()
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [
+    ["rebase", "-b", "copy.raw", "-F", "raw", "top.qcow2"],
+    ["rebase", "-p", "-b", "copy.raw", "-F", "raw", "top.qcow2"],
+    ["rebase", "-b", "base.raw", "-F", "raw", "top.qcow2"],
+    ["rebase", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
+    ["rebase", "-b", "base.raw", "-F", "raw", "mid.qcow2"],
+    ["rebase", "-b", "short.qcow2", "-F", "qcow2", "top.qcow2"],
+    ["rebase", "-b", "long.qcow2", "-F", "qcow2", "top.qcow2"],
+    ["rebase", "-p", "-b", "", "top.qcow2"],
+    ["rebase", "-b", "", "-F", "raw", "top.qcow2"],
+    ["rebase", "-q", "-p", "-U", "-t", "none", "-T", "writeback", "-f", "qcow2", "-b", "copy.raw", "-F",
+     "raw", "top.qcow2"],
+    ["rebase", "--image-opts", "-b", "copy.raw", "-F", "raw", "driver=qcow2,file.filename=top.qcow2"],
+])
+def test_safe_rebase(tmp_path: Path, args: list[str]) -> None:
+    _rebase_case(tmp_path, args)
+
+
+@needs_qemu
+def test_safe_rebase_without_F_copies_then_fails_as_qemu(tmp_path: Path) -> None:
+    _rebase_case(tmp_path, ["rebase", "-b", "copy.raw", "top.qcow2"])
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [
+    ["rebase", "-u", "-b", "copy.raw", "-F", "raw", "top.qcow2"],
+    ["rebase", "-u", "-b", "sub/renamed.raw", "-F", "raw", "top.qcow2"],
+    ["rebase", "-u", "-b", "copy.raw", "top.qcow2"],
+    ["rebase", "-u", "top.qcow2"],
+    ["rebase", "-p", "-u", "-F", "raw", "top.qcow2"],
+])
+def test_unsafe_rebase_only_rewrites_names(tmp_path: Path, args: list[str]) -> None:
+    _rebase_case(tmp_path, args)
+
+
+@needs_qemu
+def test_unsafe_rebase_fixes_a_moved_backing_file(tmp_path: Path) -> None:
+    def build(d: Path) -> None:
+        make_chain(d)
+        (d / "sub").mkdir()
+        (d / "mid.qcow2").rename(d / "sub" / "mid.qcow2")
+        (d / "base.raw").rename(d / "sub" / "base.raw")
+    _rebase_case(tmp_path, ["rebase", "-u", "-b", "sub/mid.qcow2", "-F", "qcow2", "top.qcow2"], build=build)
+    # The chain opens again and reads as it did.
+    orig = tmp_path / "orig"
+    orig.mkdir()
+    make_chain(orig)
+    p = run_qemu("compare", str(orig / "top.qcow2"), str(tmp_path / "m" / "top.qcow2"))
+    assert p.returncode == 0, p.stdout
+
+
+@needs_qemu
+def test_rebase_a_standalone_v2_image_onto_a_backing_file(tmp_path: Path) -> None:
+    def build(d: Path) -> None:
+        _build(d)
+        qemu_ok("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "solo.qcow2", "4M", cwd=d)
+        io("solo.qcow2", "qcow2", "write -P 4 64k 64k", cwd=d)
+    _rebase_case(tmp_path, ["rebase", "-b", "copy.raw", "-F", "raw", "solo.qcow2"], build=build)
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [
+    ["rebase"],
+    ["rebase", "top.qcow2"],
+    ["rebase", "-b"],
+    ["rebase", "-b", "x", "a", "b"],
+    ["rebase", "-b", "nothere", "-F", "raw", "top.qcow2"],
+    ["rebase", "-b", "base.raw", "-F", "foo", "top.qcow2"],
+    ["rebase", "-t", "bad", "-b", "x", "top.qcow2"],
+    ["rebase", "-T", "bad", "-b", "x", "top.qcow2"],
+    ["rebase", "-b", "x", "-F", "raw", "nothere.qcow2"],
+    ["rebase", "-f", "raw", "-b", "base.raw", "top.qcow2"],
+    ["rebase", "-U", "-b", "copy.raw", "-F", "raw", "top.qcow2"],
+])
+def test_rebase_errors(tmp_path: Path, args: list[str]) -> None:
+    _rebase_case(tmp_path, args)
