@@ -174,11 +174,16 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
             n = min(n, job.src_sectors[src] - local)
             offset = local * SECTOR
             lock = locks[src] if locks else None
-            if lock is None:
-                flags, count, host, ztop = _status_above(img, offset, n * SECTOR, job.target_has_backing)
-            else:
-                with lock:
+            try:
+                if lock is None:
                     flags, count, host, ztop = _status_above(img, offset, n * SECTOR, job.target_has_backing)
+                else:
+                    with lock:
+                        flags, count, host, ztop = _status_above(img, offset, n * SECTOR, job.target_has_backing)
+            except OSError as e:
+                # a driver's metadata lookup failed (e.g. an offset outside the file)
+                raise QimgError(f"error while reading block status at offset {sector * SECTOR}: "
+                                f"{e.strerror}") from None
             status_sector, status_host, status_z = sector, host, ztop
             if count <= 0:
                 # the rounded-up tail sector past the source's end reads as zeroes

@@ -67,7 +67,10 @@ def _status_entries(img: Any, start: int, end: int) -> Iterator[MapEntry]:
     """One unmerged entry per block-status request, as get_block_status."""
     offset = start
     while offset < end:
-        ext, depth = img.chain_status(offset, min(REQUEST_LIMIT, end - offset))
+        try:
+            ext, depth = img.chain_status(offset, min(REQUEST_LIMIT, end - offset))
+        except OSError as e:
+            raise QimgError(f"Could not read file metadata: {e.strerror}") from None
         if ext.length <= 0:
             raise QimgError("Could not read file metadata: Invalid argument")
         has_offset = bool(ext.flags & OFFSET_VALID)
