@@ -268,7 +268,7 @@ class QcowDriver(Driver):
                     pos += k
             else:
                 assert ext.host_offset is not None
-                if ext.host_offset & 511:
+                if (ext.host_offset - (offset & (cs - 1))) & 511:
                     raise QimgError("Input/output error")
                 data = self.file.pread(ext.host_offset, n)
                 parts.append(data + bytes(n - len(data)))

@@ -125,6 +125,11 @@ class _Checker:
 
 def check_image(drv: "QedDriver", fix: bool) -> CheckResult:
     """Check (with ``fix``: repair) an open QED image."""
+    h = drv.header
+    if fix and h.autoclear_features & ~H.QED_AUTOCLEAR_FEATURE_MASK:
+        # a read-write open drops autoclear bits this program does not know
+        h.autoclear_features &= H.QED_AUTOCLEAR_FEATURE_MASK
+        drv.write_header()
     c = _Checker(drv, fix)
     h = drv.header
     c.result.total_clusters = -(-h.image_size // h.cluster_size)
