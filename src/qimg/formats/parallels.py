@@ -288,6 +288,9 @@ class ParallelsDriver(Driver):
         sys.stdout.flush()
         size = self.file.size
         cs = self.tracks * SECTOR
+        # data_end is QEMU's from open time: dropping clusters here does
+        # not lower it, so close still cuts (or extends) the file to it
+        _ = self.data_end
         if self.header_unclean:
             out.write(f"{'Repairing' if fix_errors else 'ERROR'} image was not closed correctly\n")
             res.corruptions += 1
