@@ -255,7 +255,7 @@ class ParallelsDriver(Driver):
             raise QimgError("Invalid argument")
         start = self.data_end
         space = count * self.tracks
-        file_len = self.file.size
+        file_len = self._file_length()
         if (start + space) * SECTOR > file_len:
             # what lies past data_end may be stale: new clusters read as zeroes
             if file_len > start * SECTOR:
@@ -272,6 +272,10 @@ class ParallelsDriver(Driver):
         self.file.pwrite(bat_entry_off(idx), bat[idx:idx + count].astype("<u4").tobytes())
         return start * SECTOR + offset % cs
 
+    def _file_length(self) -> int:
+        """bdrv_getlength of the file: whole sectors."""
+        return -(-self.file.size // SECTOR) * SECTOR
+
     def close(self) -> None:
         if not self.read_only and self.file.fd >= 0:
             self.file.pwrite(OFF_INUSE, bytes(4))
@@ -286,7 +290,7 @@ class ParallelsDriver(Driver):
         res = CheckResult()
         out = sys.stderr
         sys.stdout.flush()
-        size = self.file.size
+        size = self._file_length()
         cs = self.tracks * SECTOR
         # data_end is QEMU's from open time: dropping clusters here does
         # not lower it, so close still cuts (or extends) the file to it
