@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from qimg.block.image import Image, open_image, resolve_backing
+from qimg.block.status import COMPRESSED, OFFSET_VALID
 from qimg.errors import QimgError, UnsupportedError
 from qimg.ops.progress import FloatAccumulator, f32
 
@@ -124,33 +125,69 @@ def _allocated_above(img: Image | None, base: Image | None, offset: int, length:
     return False, n
 
 
-def _read(img: Image | None, offset: int, length: int, what: str) -> bytes:
-    assert img is not None
+#: formats whose plain data extents may be read straight from their file
+_DIRECT_FORMATS = ("raw", "qcow2")
+
+
+def _fill(img: Image, offset: int, n: int, buf: bytearray, zeroes: memoryview, what: str) -> memoryview:
+    """The chain's bytes at [offset, offset+n) in ``buf`` (reused between
+    requests), guided by block status: zero runs are not read at all and
+    plain data is read straight from the file that holds it.  A range that
+    is all zeroes returns a view of ``zeroes`` instead."""
+    view = memoryview(buf)[:n]
+    pos = 0
     try:
-        return img.read(offset, length)
+        while pos < n:
+            ext, depth = img.chain_status(offset + pos, n - pos)
+            ln = min(max(ext.length, 1), n - pos)
+            if ext.zero:
+                if ln == n:
+                    return zeroes[:n]
+                view[pos:pos + ln] = zeroes[:ln]
+            else:
+                layer = img
+                for _ in range(depth):
+                    assert layer.backing is not None
+                    layer = layer.backing
+                node = layer.driver.data_node
+                if (ext.flags & (OFFSET_VALID | COMPRESSED) == OFFSET_VALID and layer.format in _DIRECT_FORMATS
+                        and ext.host_offset is not None and ext.file == node.filename):
+                    got = node.preadinto(ext.host_offset, view[pos:pos + ln])
+                    if got < ln:  # past the end of the file: zeroes
+                        view[pos + got:pos + ln] = zeroes[:ln - got]
+                else:
+                    view[pos:pos + ln] = img.read(offset + pos, ln)
+            pos += ln
     except QimgError:
         raise QimgError(f"error while reading from {what} backing file") from None
+    return view
 
 
-def _differing_runs(old: bytes, new: bytes) -> list[tuple[int, int]]:
+def _differing_runs(old: bytes | memoryview, new: bytes | memoryview) -> list[tuple[int, int]]:
     """(start, end) byte runs of 512-byte sectors that differ, as
     compare_buffers() splits a buffer (the last sector may be short)."""
     import numpy as np
 
     n = len(old)
+    if old is new:
+        return []
     nsec = -(-n // SECTOR)
-    a = np.zeros(nsec * SECTOR, np.uint8)
-    b = np.zeros(nsec * SECTOR, np.uint8)
-    a[:n] = np.frombuffer(old, np.uint8)
-    b[:n] = np.frombuffer(new, np.uint8)
-    diff = (a.reshape(nsec, SECTOR) != b.reshape(nsec, SECTOR)).any(axis=1)
-    edges = np.flatnonzero(np.diff(diff.astype(np.int8))) + 1
-    bounds = np.concatenate(([0], edges, [nsec]))
-    runs = []
-    for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        if diff[s]:
-            runs.append((s * SECTOR, min(e * SECTOR, n)))
-    return runs
+    if n % SECTOR:
+        # Pad the short last sector (rare: only at an odd-sized end).
+        old = bytes(old) + bytes(nsec * SECTOR - n)
+        new = bytes(new) + bytes(nsec * SECTOR - n)
+    # Compared as 64-bit words: eight times fewer elements to reduce.
+    a = np.frombuffer(old, np.uint64).reshape(nsec, SECTOR // 8)
+    b = np.frombuffer(new, np.uint64).reshape(nsec, SECTOR // 8)
+    words = a != b
+    if not words.any():
+        return []
+    diff = words.any(axis=1)
+    edges = np.flatnonzero(diff[1:] != diff[:-1]) + 1
+    bounds = [0, *edges.tolist(), nsec]
+    first_differs = bool(diff[0])
+    return [(s * SECTOR, min(e * SECTOR, n))
+            for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])) if (i % 2 == 0) == first_differs]
 
 
 def copy_differences(top: Image, plan: RebasePlan, progress: Callable[[float], None] | None = None) -> None:
@@ -161,6 +198,9 @@ def copy_differences(top: Image, plan: RebasePlan, progress: Callable[[float], N
     new_size = plan.new.size if plan.new is not None else 0
     step = f32(100 / f32(size // min(size, IO_BUF_SIZE))) if size else 0.0
     acc = FloatAccumulator()
+    zeroes = memoryview(bytes(min(size, IO_BUF_SIZE)))
+    old_mem = bytearray(min(size, IO_BUF_SIZE))
+    new_mem = bytearray(min(size, IO_BUF_SIZE))
     offset = 0
     while offset < size:
         n = min(IO_BUF_SIZE, size - offset)
@@ -175,27 +215,28 @@ def copy_differences(top: Image, plan: RebasePlan, progress: Callable[[float], N
                 offset += n
                 continue
         old_zero = offset >= old_size
-        if old_zero:
-            old = None
-        else:
+        if not old_zero:
             n = min(n, old_size - offset)
-            old = _read(plan.old, offset, n, "old")
-        if offset >= new_size or plan.new is None:
-            new = None
-        else:
+        if offset < new_size and plan.new is not None:
             n = min(n, new_size - offset)
-            new = _read(plan.new, offset, n, "new")
-        old_buf = bytes(n) if old is None else old[:n]
-        new_buf = bytes(n) if new is None else new[:n]
-        if old_buf != new_buf:
-            for s, e in _differing_runs(old_buf, new_buf):
-                try:
-                    if old_zero:
-                        top.write_zeroes(offset + s, e - s)
-                    else:
-                        top.write(offset + s, old_buf[s:e])
-                except QimgError as err:
-                    raise QimgError(f"Error while writing to COW image: {err.message}") from None
+        # Ranges whose block status says zero are not read (same bytes).
+        if old_zero:
+            old_buf = zeroes[:n]
+        else:
+            assert plan.old is not None
+            old_buf = _fill(plan.old, offset, n, old_mem, zeroes, "old")
+        if offset >= new_size or plan.new is None:
+            new_buf = zeroes[:n]
+        else:
+            new_buf = _fill(plan.new, offset, n, new_mem, zeroes, "new")
+        for s, e in _differing_runs(old_buf, new_buf):
+            try:
+                if old_zero:
+                    top.write_zeroes(offset + s, e - s)
+                else:
+                    top.write(offset + s, old_buf[s:e])
+            except QimgError as err:
+                raise QimgError(f"Error while writing to COW image: {err.message}") from None
         if progress is not None:
             progress(acc.add(step))
         offset += n
