@@ -181,3 +181,50 @@ def test_unclean_image_refuses_write(tmp_path):
     theirs = run_qemu("convert", "-n", "-O", "parallels", str(img), "u2.img", cwd=tmp_path)
     assert mine.stderr.replace(b"u.img", b"u2.img") == theirs.stderr
     assert mine.returncode == theirs.returncode
+
+
+def _with_extension(src, dst, features: bytes, *, good_sum: bool = True, cluster: int = 4096) -> None:
+    """Append a Format Extension cluster holding ``features`` and point
+    ext_off at it."""
+    import hashlib
+
+    data = bytearray(src.read_bytes())
+    ext_off = len(data)
+    body = features.ljust(cluster - 24, b"\0")
+    digest = hashlib.md5(body).digest() if good_sum else bytes(16)
+    data += struct.pack("<Q", 0xAB234CEF23DCEA87) + digest + body
+    struct.pack_into("<Q", data, 56, ext_off // 512)
+    dst.write_bytes(bytes(data))
+
+
+def _feature(magic: int, payload: bytes, flags: int = 0) -> bytes:
+    return struct.pack("<QQII", magic, flags, len(payload), 0) + payload
+
+
+BITMAP = 0x20385FAE252CB34A
+
+
+def _bitmap(sectors: int = 8192, granularity: int = 128, l1: int = 1, entries: tuple[int, ...] = (1,)) -> bytes:
+    return struct.pack("<Q16sII", sectors, b"\1" * 16, granularity, l1) + b"".join(
+        struct.pack("<Q", e) for e in entries)
+
+
+@pytest.mark.parametrize("features,good_sum", [
+    (_feature(0, b""), True),                                   # valid, no features
+    (_feature(0, b""), False),                                  # bad checksum
+    (_feature(0x1234, b"x"), True),                             # unknown feature
+    (_feature(0, b"", flags=1), True),                          # flags
+    (_feature(BITMAP, b"\0" * 20), True),                       # bitmap feature too small
+    (_feature(BITMAP, _bitmap(sectors=5)), True),               # bitmap size differs
+    (_feature(BITMAP, _bitmap(l1=9)), True),                    # l1 past the feature
+    (_feature(BITMAP, _bitmap(l1=2, entries=(1, 0))), True),    # l1 size wrong
+    (_feature(BITMAP, _bitmap()) + _feature(0, b""), True),     # a valid bitmap
+    (struct.pack("<QQI", 0, 0, 5000), True),                    # data_size past the cluster
+], ids=["empty", "checksum", "unknown", "flags", "small", "sectors", "l1-past", "l1-size", "bitmap", "data-size"])
+def test_format_extension(tmp_path, features, good_sum):
+    img = tmp_path / "p.img"
+    assert run_qemu("create", "-q", "-f", "parallels", "-o", "cluster_size=4k", str(img), "4M").returncode == 0
+    _qemu_io(img, "write -P 1 0 8k")
+    _with_extension(img, tmp_path / "e.img", features, good_sum=good_sum)
+    for cmd in (["info", "e.img"], ["check", "e.img"], ["map", "--output=json", "e.img"]):
+        assert_same(cmd, str(tmp_path))

@@ -17,6 +17,7 @@ inside the file is kept in memory.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,22 @@ MEM_ALIGN = 4096
 # nb_sectors(u64) inuse data_off flags ext_off(u64)
 _HEADER = struct.Struct("<16sIIIIIQIIIQ")
 OFF_INUSE = 44
+
+
+EXT_MAGIC = 0xAB234CEF23DCEA87
+EXT_DIRTY_BITMAP_MAGIC = 0x20385FAE252CB34A
+
+
+def _s64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _warn(text: str) -> None:
+    """warn_report(): "PROG: warning: TEXT" on stderr."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qimg"
+    if prog in ("__main__.py", "-m", "-c", ""):
+        prog = "qimg"
+    sys.stderr.write(f"{prog}: warning: {text}\n")
 
 
 def bat_entry_off(index: int) -> int:
@@ -109,7 +126,7 @@ class ParallelsDriver(Driver):
     def do_open(self, options: dict[str, Any]) -> None:
         buf = self.file.pread(0, HEADER_SIZE)
         (magic, version, _heads, _cyl, tracks, bat_entries, nb_sectors, inuse, data_off, _flags,
-         _ext_off) = _HEADER.unpack(buf)
+         ext_off) = _HEADER.unpack(buf)
         if version != HEADER_VERSION:
             raise QimgError("Image not in Parallels format")
         if magic == HEADER_MAGIC:
@@ -143,8 +160,75 @@ class ParallelsDriver(Driver):
             raise QimgError("parallels: Image was not closed correctly; cannot be opened read/write")
         self._bat: "np.ndarray | None" = None
         self._data_end: int | None = None
+        if ext_off:
+            if self.read_only:
+                self._check_extension(ext_off * SECTOR)
+            else:
+                _warn("Format Extension ignored in RW mode")
         if not self.read_only:
             self.file.pwrite(OFF_INUSE, struct.pack("<I", HEADER_INUSE_MAGIC))
+
+    # ---- the format extension (parallels-ext.c) --------------------------------
+    def _check_extension(self, ext_off: int) -> None:
+        """Validate the Format Extension cluster as QEMU does when it opens
+        an image read-only (its dirty bitmaps are not kept: no command here
+        shows them).  What lies past the end of the file reads as zeroes."""
+        import hashlib
+
+        cs = self.tracks * SECTOR
+        inside = max(0, min(cs, self.file.size - ext_off))
+        data = self.file.pread(ext_off, inside) if inside else b""
+        magic = struct.unpack_from("<Q", data.ljust(8, b"\0"))[0]
+        if magic != EXT_MAGIC:
+            raise QimgError("Wrong parallels Format Extension magic: 0x%x, expected: 0x%x" % (magic, EXT_MAGIC))
+        md5 = hashlib.md5(data[24:])
+        zeros = cs - max(24, len(data))
+        chunk = bytes(min(zeros, 1 << 20))
+        while zeros > 0:
+            md5.update(chunk[:min(zeros, len(chunk))])
+            zeros -= len(chunk)
+        checksum = data[8:24].ljust(16, b"\0")
+        if md5.digest() != checksum:
+            raise QimgError("Wrong checksum in Format Extension header. Format extension is corrupted.")
+        pos = 24
+        while True:
+            remaining = cs - pos
+            if remaining < 24:
+                raise QimgError(f"Can not read feature header, as remaining bytes ({remaining}) in Format "
+                                "Extension is less than Feature header size (24)")
+            fmagic, flags, size = struct.unpack_from("<QQI", data[pos:pos + 24].ljust(24, b"\0"))
+            pos += 24
+            remaining -= 24
+            if flags:
+                raise QimgError("Flags for extension feature are unsupported")
+            if size > remaining:
+                raise QimgError("Feature data_size exceedes Format Extension cluster")
+            if fmagic == 0:
+                return
+            if fmagic != EXT_DIRTY_BITMAP_MAGIC:
+                raise QimgError(f"Unknown feature: 0x{fmagic:x}")
+            self._check_bitmap(data[pos:pos + size].ljust(size, b"\0"), size)
+            pos = -(-(pos + size) // 8) * 8
+
+    def _check_bitmap(self, feature: bytes, size: int) -> None:
+        if size < 32:
+            raise QimgError("Too small Bitmap Feature area in Parallels Format Extension: "
+                            f"{size} bytes, expected at least 32 bytes")
+        sectors, granularity, l1_size = struct.unpack_from("<Q16xII", feature)
+        total = self.size // SECTOR
+        if sectors != total:
+            raise QimgError(f"Bitmap size (in sectors) {_s64(sectors)} differs from disk size in sectors {total}")
+        if l1_size * 8 > size - 32:
+            raise QimgError("Bitmaps feature corrupted: l1 table exceeds extension data_size")
+        granularity = (granularity << 9) & 0xFFFFFFFF
+        if granularity < 512 or granularity & (granularity - 1):
+            raise QimgError("Granularity must be power of 2")
+        # the serialized bitmap: one bit per granule, in 64-bit words
+        bits = -(-self.size // granularity)
+        tab_size = -(-(-(-bits // 64) * 8) // (self.tracks * SECTOR))
+        if tab_size != l1_size:
+            raise QimgError(f"Bitmap table size {l1_size} does not correspond to bitmap size and cluster "
+                            f"size. Expected {tab_size}")
 
     # ---- the BAT --------------------------------------------------------------
     @property
