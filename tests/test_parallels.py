@@ -228,3 +228,35 @@ def test_format_extension(tmp_path, features, good_sum):
     _with_extension(img, tmp_path / "e.img", features, good_sum=good_sum)
     for cmd in (["info", "e.img"], ["check", "e.img"], ["map", "--output=json", "e.img"]):
         assert_same(cmd, str(tmp_path))
+
+
+def _old_magic(src, dst) -> None:
+    """The same image with the old "WithoutFreeSpace" magic, whose BAT holds
+    sector numbers instead of cluster numbers."""
+    data = bytearray(src.read_bytes())
+    data[:16] = b"WithoutFreeSpace"
+    tracks, entries = struct.unpack_from("<II", data, 28)
+    for i in range(entries):
+        (e,) = struct.unpack_from("<I", data, 64 + 4 * i)
+        struct.pack_into("<I", data, 64 + 4 * i, e * tracks)
+    dst.write_bytes(bytes(data))
+
+
+def test_old_magic_image(tmp_path):
+    from qimg.block.image import open_image
+
+    img = tmp_path / "p.img"
+    assert run_qemu("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", str(img), "4M").returncode == 0
+    _qemu_io(img, "write -P 1 0 100k", "write -P 2 3M 4k")
+    _old_magic(img, tmp_path / "o.img")
+    assert _raw(run_qimg, tmp_path / "o.img", tmp_path / "m.raw") == _raw(run_qemu, tmp_path / "o.img",
+                                                                           tmp_path / "t.raw")
+    for cmd in (["info", "o.img"], ["check", "o.img"], ["map", "o.img"], ["map", "--output=json", "o.img"]):
+        assert_same(cmd, str(tmp_path))
+    # writes allocate sector-numbered clusters there too
+    shutil.copy(tmp_path / "o.img", tmp_path / "w.img")
+    _qemu_io(tmp_path / "o.img", "write -P 3 2M 70k")
+    opened = open_image(str(tmp_path / "w.img"), "parallels", read_only=False)
+    opened.driver.write(2 << 20, b"\3" * 70 * 1024)
+    opened.close()
+    assert (tmp_path / "w.img").read_bytes() == (tmp_path / "o.img").read_bytes()
