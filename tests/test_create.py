@@ -167,18 +167,7 @@ QCOW2_CASES = [
 ]
 
 
-def _qcow2_available() -> bool:
-    try:
-        from qimg.formats import get_driver
-
-        get_driver("qcow2")
-        return True
-    except Exception:
-        return False
-
-
 @needs_qemu
-@pytest.mark.skipif(not _qcow2_available(), reason="qcow2 driver not there yet")
 @pytest.mark.parametrize("args", QCOW2_CASES, ids=lambda a: " ".join(a))
 def test_create_qcow2_same_as_qemu(tmp_path, seed, args):
     assert_create_same(tmp_path, seed, *args)
