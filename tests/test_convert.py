@@ -241,7 +241,6 @@ def test_library_convert(tmp_path) -> None:
 
 @needs_qemu
 def test_compressed_zstd_is_readable_by_qemu(tmp_path) -> None:
-    pytest.importorskip("zstandard")
     src = _raw(tmp_path / "src.raw", "2M", "write -P 0x11 0 200k", "write -P 0x22 1M 4k")
     out = str(tmp_path / "z.qcow2")
     p = run_qimg("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", src, out)

@@ -188,7 +188,6 @@ def test_compressed_clusters_qemu_reads(tmp_path):
 
 
 def test_zstd_compressed_clusters_both_ways(tmp_path):
-    pytest.importorskip("zstandard")
     path = tmp_path / "z.qcow2"
     assert run_qemu("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", str(path), "1M").returncode == 0
     run_qemu_io("-c", "write -c -P 0x12 0 64k", "-c", "write -c -P 0x13 64k 64k", str(path))
