@@ -127,6 +127,8 @@ HOSTILE = [
     (48, "<I", 1),                  # odd data offset
     (48, "<I", 0),                  # no data offset
     (32, "<I", 2),                  # BAT shorter than the disk
+    (36, "<Q", 0xFFFFFFFFFFFFFFFF), # disk size past the block layer's limit
+    (36, "<Q", 0x3FFFFFFFFFFFFF),
 ]
 
 

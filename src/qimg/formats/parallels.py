@@ -47,6 +47,8 @@ INT32_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
 #: the largest single request QEMU's block layer accepts
 BDRV_REQUEST_MAX_BYTES = (INT32_MAX >> 9) << 9
+#: the largest image the block layer opens (INT64_MAX aligned down to 1 GiB)
+BDRV_MAX_LENGTH = INT64_MAX & ~((1 << 30) - 1)
 #: bdrv_opt_mem_align of a host file
 MEM_ALIGN = 4096
 
@@ -165,6 +167,9 @@ class ParallelsDriver(Driver):
                 self._check_extension(ext_off * SECTOR)
             else:
                 _warn("Format Extension ignored in RW mode")
+        if nb_sectors > BDRV_MAX_LENGTH // SECTOR:
+            # the block layer's check once the driver has opened
+            raise QimgError("Could not refresh total sector count: File too large")
         if not self.read_only:
             self.file.pwrite(OFF_INUSE, struct.pack("<I", HEADER_INUSE_MAGIC))
 
