@@ -184,3 +184,18 @@ def test_truncated_file(tmp_path):
     (tmp_path / "t.vdi").write_bytes(img.read_bytes()[:300])
     assert_same(["info", "t.vdi"], str(tmp_path))  # too short to probe: raw
     assert_same(["info", "-f", "vdi", "t.vdi"], str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["vdi", "parallels"])
+def test_info_does_not_import_numpy(tmp_path, fmt):
+    import subprocess
+    import sys
+
+    img = tmp_path / "x.img"
+    assert run_qemu("create", "-q", "-f", fmt, str(img), "4M").returncode == 0
+    run_qemu_io("-f", fmt, "-c", "write -P 1 0 4k", str(img))
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "qimg", "info", str(img)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "numpy" not in p.stderr
+    assert f"file format: {fmt}" in p.stdout
