@@ -8,7 +8,6 @@ from leaving an image that ``qemu-img check`` refuses.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
 from qimg.errors import QimgError
@@ -19,9 +18,6 @@ if TYPE_CHECKING:
 
 #: qcow2_change_backing_file refuses longer names (the header field limit)
 MAX_BACKING_NAME = 1023
-#: offset of l1_table_offset in the header; refcount_table_offset and
-#: refcount_table_clusters follow it
-L1_TABLE_OFFSET_FIELD = 40
 
 
 class HeaderFull(QimgError):
@@ -110,39 +106,49 @@ def _discard_all(d: "Qcow2Driver") -> None:
         io._release(d, old, punch=True)
 
 
-def _refblock_prefix(count: int, refcount_bits: int) -> bytes:
-    """The start of a refcount block giving ``count`` clusters refcount 1."""
-    if refcount_bits >= 8:
-        return (1).to_bytes(refcount_bits // 8, "big") * count
-    # Sub-byte entries are packed from the least significant bit up.
-    value = sum(1 << (i * refcount_bits) for i in range(count))
-    return value.to_bytes(-(-count * refcount_bits // 8), "little")
-
-
 def _make_completely_empty(d: "Qcow2Driver", l1_clusters: int) -> None:
-    """QEMU's make_completely_empty, step for step.  Between the first and
-    the last step the refcounts are wrong; the dirty bit, set first and
-    cleared last, tells QEMU (and us) to rebuild them on the next open, as
-    for lazy refcounts."""
-    h = d.header
-    cs = d.cluster_size
+    """The result of QEMU's make_completely_empty (only the header, the
+    refcount structures and an all-zero L1 table stay; the file is cut after
+    the last of them) reached in an order that keeps the image consistent
+    at every step, without leaning on the dirty bit: the L1 table is zeroed
+    first (from then on every other cluster is merely leaked), then their
+    references are dropped, then the file is cut.  For an image with QEMU's
+    usual layout the file ends up byte for byte as QEMU leaves it."""
+    import numpy as np
+
+    d._writable()
     d.flush_metadata()
     d.drop_caches()
     h = d.header
-    incompat = h.incompatible_features
-    d._write_incompat(incompat | H.INCOMPAT_DIRTY)
-    d.file.flush()
-    # Drop the mapping first: from here on the image reads from its backing.
+    cs = d.cluster_size
+    keep = [0]
+    rt_first = h.refcount_table_offset // cs
+    keep += range(rt_first, rt_first + h.refcount_table_clusters)
+    table = np.frombuffer(d.file.pread(h.refcount_table_offset, h.refcount_table_clusters * cs), ">u8")
+    blocks = (table & np.uint64(0xFFFFFFFFFFFFFE00)) // np.uint64(cs)
+    keep += [int(b) for b in blocks[blocks != 0]]
+    l1_first = h.l1_table_offset // cs
+    keep += range(l1_first, l1_first + l1_clusters)
+    # 1. Nothing is mapped any more: the image reads all from its backing.
     d.file.pwrite(h.l1_table_offset, bytes(h.l1_size * 8))
-    # Clusters 1.. become the refcount table, the first refcount block and
-    # the L1 table.
-    d.file.pwrite(cs, bytes((2 + l1_clusters) * cs))
     d.file.flush()
-    d.file.pwrite(L1_TABLE_OFFSET_FIELD, struct.pack(">QQI", 3 * cs, cs, 1))
-    d.file.pwrite(cs, struct.pack(">Q", 2 * cs))
-    d.file.pwrite(2 * cs, _refblock_prefix(3 + l1_clusters, h.refcount_bits))
-    d.file.flush()
-    d._write_incompat(incompat & ~H.INCOMPAT_DIRTY)
-    d.file.flush()
-    d.file.truncate((3 + l1_clusters) * cs)
     d.drop_caches()
+    # 2. Drop the references of everything else, run by run of equal counts.
+    refs = d.refs
+    nclusters = -(-d.file.size // cs)
+    counts = refs.get_range(0, nclusters).astype(np.int64)
+    keep_idx = np.array([k for k in keep if k < nclusters], dtype=np.int64)
+    counts[keep_idx] = 0
+    bounds = [0, *(np.flatnonzero(counts[1:] != counts[:-1]) + 1).tolist(), nclusters]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        value = int(counts[start])
+        if value:
+            refs.update(start * cs, (end - start) * cs, -value)
+    refs.flush()
+    d.file.flush()
+    # 3. Cut the file after the last cluster still in use.
+    last = refs.last_used_cluster(d.file.size)
+    d.file.truncate((last + 1) * cs)
+    d.drop_caches()
+
+
