@@ -21,6 +21,10 @@ NOT_SUPPORTED = 63
 REPAIR_MODES = ("leaks", "all")
 #: the open option that tells a driver it is opened for check (BDRV_O_CHECK)
 CHECK_OPTION = "check"
+#: set too when the check will repair: QEMU opens such an image read-write
+#: from the start, which changes what some drivers do on open (parallels
+#: ignores its format extension then)
+CHECK_REPAIR_OPTION = "check-repair"
 
 
 def check_image(img: "Image", repair: str | None = None, display_name: str | None = None,
@@ -72,6 +76,8 @@ def open_for_check(filename: str, fmt: str | None = None, repair: str | None = N
     name = display_name or filename
     options = dict(open_options or {})
     options[CHECK_OPTION] = True
+    if repair is not None:
+        options[CHECK_REPAIR_OPTION] = True
     try:
         if repair is not None and fmt is not None and not get_driver(fmt).supports_write:
             raise QimgError(f"Could not open '{filename}': Driver '{fmt}' does not support write access")
