@@ -361,6 +361,9 @@ class Qcow2Driver(Driver):
     def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
         from qimg.formats.qcow2 import io
 
+        if size_to_l1(size, self.cluster_bits) > QCOW_MAX_L1_SIZE // 8:
+            # qcow2_grow_l1_table's -EFBIG, before anything is written
+            raise QimgError("Failed to grow the L1 table: File too large")
         self._writable()
         io.truncate(self, size, prealloc, shrink)
 
