@@ -230,6 +230,13 @@ def test_format_extension(tmp_path, features, good_sum):
     _with_extension(img, tmp_path / "e.img", features, good_sum=good_sum)
     for cmd in (["info", "e.img"], ["check", "e.img"], ["map", "--output=json", "e.img"]):
         assert_same(cmd, str(tmp_path))
+    # check -r opens read-write: the extension is ignored, with a warning
+    shutil.copy(tmp_path / "e.img", tmp_path / "f.img")
+    mine = run_qimg("check", "-r", "all", "e.img", cwd=tmp_path)
+    theirs = run_qemu("check", "-r", "all", "f.img", cwd=tmp_path)
+    assert (mine.stdout.replace(b"e.img", b"f.img"), mine.stderr, mine.returncode) == \
+        (theirs.stdout, theirs.stderr, theirs.returncode)
+    assert (tmp_path / "e.img").read_bytes() == (tmp_path / "f.img").read_bytes()
 
 
 def _old_magic(src, dst) -> None:

@@ -162,11 +162,13 @@ class ParallelsDriver(Driver):
             raise QimgError("parallels: Image was not closed correctly; cannot be opened read/write")
         self._bat: "np.ndarray | None" = None
         self._data_end: int | None = None
+        # check -r opens read-write in QEMU from the start
+        writable = not self.read_only or bool(options.get("check-repair"))
         if ext_off:
-            if self.read_only:
-                self._check_extension(ext_off * SECTOR)
-            else:
+            if writable:
                 _warn("Format Extension ignored in RW mode")
+            else:
+                self._check_extension(ext_off * SECTOR)
         if nb_sectors > BDRV_MAX_LENGTH // SECTOR:
             # the block layer's check once the driver has opened
             raise QimgError("Could not refresh total sector count: File too large")
