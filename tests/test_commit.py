@@ -3,12 +3,13 @@ chains; output, exit code and every file of the chain compared."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from conftest import needs_qemu, run_qemu, run_qimg, same
-from test_chains import (assert_same_image, assert_same_output, io, make_chain, qemu_ok, run_both,
+from test_chains import (assert_same_image, assert_same_output, guest_map, io, make_chain, qemu_ok, run_both,
                          twins)
 
 CHAIN = ("base.raw", "mid.qcow2", "top.qcow2")
@@ -97,3 +98,40 @@ def test_commit_top_reads_as_before_from_the_base(tmp_path: Path) -> None:
     base_view = tmp_path / "base_view.raw"
     qemu_ok("convert", "-f", "raw", "-O", "raw", "base.raw", str(base_view), cwd=tmp_path)
     assert base_view.read_bytes() == before.read_bytes()
+
+
+def _interrupted(monkeypatch, target: str, attr: str) -> None:
+    """Make ``target.attr`` stop the program as a crash would at that point."""
+    import importlib
+
+    module, _, cls = target.rpartition(".")
+    owner = getattr(importlib.import_module(module), cls)
+
+    def crash(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, attr, crash)
+
+
+@needs_qemu
+def test_commit_interrupted_before_the_file_is_cut_leaves_a_sound_top(tmp_path: Path, monkeypatch) -> None:
+    from qimg.block.image import open_image
+    from qimg.ops.commit import commit, find_base, reopen_writable
+
+    # A base as large as the top: the only truncation is make_empty's cut.
+    make_chain(tmp_path, base_size="7M")
+    before = tmp_path / "before.raw"
+    qemu_ok("convert", "-O", "raw", "top.qcow2", str(before), cwd=tmp_path)
+    _interrupted(monkeypatch, "qimg.protocols.file.File", "truncate")
+    img = open_image(str(tmp_path / "top.qcow2"), read_only=False)
+    with pytest.raises(KeyboardInterrupt):
+        commit(img, reopen_writable(img, find_base(img, None, "top.qcow2")))
+    os.close(img.file.fd)  # the crash: nothing more is written
+    p = run_qemu("check", "top.qcow2", cwd=str(tmp_path))
+    assert p.returncode in (0, 3), p.stdout  # at worst leaked clusters
+    assert b"ERROR" not in p.stdout + p.stderr
+    # The crash came after the top was emptied and before the cut.
+    assert all(e[0][0] > 0 for e in guest_map("top.qcow2", tmp_path))
+    assert (tmp_path / "top.qcow2").stat().st_size > 4 * 65536
+    p = run_qemu("compare", "-F", "raw", "top.qcow2", str(before), cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout

@@ -118,3 +118,33 @@ def test_rebase_a_standalone_v2_image_onto_a_backing_file(tmp_path: Path) -> Non
 ])
 def test_rebase_errors(tmp_path: Path, args: list[str]) -> None:
     _rebase_case(tmp_path, args)
+
+
+@needs_qemu
+def test_rebase_interrupted_before_the_header_write_changes_nothing_visible(tmp_path: Path, monkeypatch) -> None:
+    from qimg.block.image import open_image
+    from qimg.formats.qcow2 import backing
+    from qimg.ops.rebase import rebase
+
+    _build(tmp_path)
+    before = tmp_path / "before.raw"
+    qemu_ok("convert", "-O", "raw", "top.qcow2", str(before), cwd=tmp_path)
+
+    def crash(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backing, "change_backing_file", crash)
+    img = open_image(str(tmp_path / "top.qcow2"), read_only=False)
+    with pytest.raises(KeyboardInterrupt):
+        rebase(img, "copy.raw", "raw")
+    img.flush()
+    p = run_qemu("check", "top.qcow2", cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout
+    assert info_json("top.qcow2", tmp_path)["backing-filename"] == "mid.qcow2"
+    p = run_qemu("compare", "-F", "raw", "top.qcow2", str(before), cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout
+    # The differing data is in place already: the new backing file reads
+    # the same under it.
+    qemu_ok("rebase", "-u", "-b", "copy.raw", "-F", "raw", "top.qcow2", cwd=tmp_path)
+    p = run_qemu("compare", "-F", "raw", "top.qcow2", str(before), cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout
