@@ -336,3 +336,9 @@ class QedDriver(Driver):
             self.file.flush()
             self.header.features &= ~H.QED_F_NEED_CHECK
             self.write_header()
+
+    # ---- backing chain (formats/qed/backing.py) -----------------------------------
+    def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:
+        from qimg.formats.qed.backing import change_backing_file
+
+        change_backing_file(self, backing_file, backing_format)
