@@ -246,7 +246,8 @@ class ParallelsDriver(Driver):
 
             want = self.bat_size * 4
             have = max(0, min(want, self.file.size - HEADER_SIZE))
-            raw = self.file.pread(HEADER_SIZE, have - have % 4) if have >= 4 else b""
+            # a last entry cut by EOF reads with zeroes for its missing bytes
+            raw = self.file.pread(HEADER_SIZE, -(-have // 4) * 4) if have > 0 else b""
             self._bat = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
         return self._bat
 

@@ -176,7 +176,8 @@ class VdiDriver(Driver):
 
             want = self.blocks_in_image * 4
             have = max(0, min(want, self.file.size - self.offset_bmap))
-            raw = self.file.pread(self.offset_bmap, have - have % 4) if have >= 4 else b""
+            # a last entry cut by EOF reads with zeroes for its missing bytes
+            raw = self.file.pread(self.offset_bmap, -(-have // 4) * 4) if have > 0 else b""
             self._bmap = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
         return self._bmap
 
