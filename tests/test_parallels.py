@@ -269,3 +269,13 @@ def test_old_magic_image(tmp_path):
     opened.driver.write(2 << 20, b"\3" * 70 * 1024)
     opened.close()
     assert (tmp_path / "w.img").read_bytes() == (tmp_path / "o.img").read_bytes()
+
+
+def test_bat_cut_by_eof(tmp_path):
+    """A BAT that ends inside an entry: the missing bytes read as zeroes."""
+    img = tmp_path / "p.img"
+    assert run_qemu("create", "-q", "-f", "parallels", "-o", "cluster_size=4k", str(img), "1M").returncode == 0
+    _qemu_io(img, "write -P 1 0 64k")
+    (tmp_path / "c.img").write_bytes(img.read_bytes()[:78])
+    for cmd in (["map", "--output=json", "c.img"], ["check", "c.img"], ["convert", "-O", "raw", "c.img", "c.raw"]):
+        assert_same(cmd, str(tmp_path))

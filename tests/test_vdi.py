@@ -199,3 +199,13 @@ def test_info_does_not_import_numpy(tmp_path, fmt):
     assert p.returncode == 0, p.stderr
     assert "numpy" not in p.stderr
     assert f"file format: {fmt}" in p.stdout
+
+
+def test_map_cut_by_eof(tmp_path):
+    """A block map that ends inside an entry: the missing bytes read as zeroes."""
+    img = tmp_path / "v.vdi"
+    assert run_qemu("create", "-q", "-f", "vdi", str(img), "8M").returncode == 0
+    _qemu_io(img, "write -P 1 0 8M")
+    (tmp_path / "c.vdi").write_bytes(img.read_bytes()[:518])
+    for cmd in (["map", "--output=json", "c.vdi"], ["check", "c.vdi"], ["convert", "-O", "raw", "c.vdi", "c.raw"]):
+        assert_same(cmd, str(tmp_path))
