@@ -135,3 +135,14 @@ def test_commit_interrupted_before_the_file_is_cut_leaves_a_sound_top(tmp_path: 
     assert (tmp_path / "top.qcow2").stat().st_size > 4 * 65536
     p = run_qemu("compare", "-F", "raw", "top.qcow2", str(before), cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [["commit", "top.qed"], ["commit", "-d", "top.qed"]])
+def test_commit_qed(tmp_path: Path, args: list[str]) -> None:
+    def build(d: Path) -> None:
+        qemu_ok("create", "-q", "-f", "raw", "base.raw", "1M", cwd=d)
+        io("base.raw", "raw", "write -P 1 0 1M", cwd=d)
+        qemu_ok("create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed", "2M", cwd=d)
+        io("top.qed", "qed", "write -P 2 512k 64k", "write -z 0 64k", "write -P 3 1536k 4k", cwd=d)
+    _commit_case(tmp_path, args, build, files=("base.raw", "top.qed"))

@@ -148,3 +148,23 @@ def test_rebase_interrupted_before_the_header_write_changes_nothing_visible(tmp_
     qemu_ok("rebase", "-u", "-b", "copy.raw", "-F", "raw", "top.qcow2", cwd=tmp_path)
     p = run_qemu("compare", "-F", "raw", "top.qcow2", str(before), cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout
+
+
+def _qed_chain(d: Path) -> None:
+    qemu_ok("create", "-q", "-f", "raw", "base.raw", "2M", cwd=d)
+    io("base.raw", "raw", "write -P 1 0 1M", cwd=d)
+    qemu_ok("convert", "-f", "raw", "-O", "raw", "base.raw", "copy.raw", cwd=d)
+    io("copy.raw", "raw", "write -P 5 0 64k", "write -P 6 1500k 1k", cwd=d)
+    qemu_ok("create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed", cwd=d)
+    io("top.qed", "qed", "write -P 2 512k 64k", cwd=d)
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [
+    ["rebase", "-p", "-b", "copy.raw", "-F", "raw", "top.qed"],
+    ["rebase", "-b", "", "top.qed"],
+    ["rebase", "-u", "-b", "longer-name.qcow2", "-F", "qcow2", "top.qed"],
+    ["rebase", "-u", "top.qed"],
+])
+def test_rebase_qed(tmp_path: Path, args: list[str]) -> None:
+    _rebase_case(tmp_path, args, build=_qed_chain)
