@@ -234,6 +234,38 @@ def _counts(job: CopyJob, chunk: Chunk) -> bool:
     return chunk.status == BLK_DATA
 
 
+class _BufferPool:
+    """Read buffers reused across chunks: a fresh 2 MiB bytearray costs a
+    zeroing pass and a page fault per 4 KiB page, as much again as the read
+    itself.  ``get`` hands out a view of a pooled buffer; ``put`` takes it
+    back once the data is written."""
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def get(self, nbytes: int) -> memoryview | bytearray:
+        if nbytes > self.size:
+            return bytearray(nbytes)
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = bytearray(self.size)
+        return memoryview(buf)[:nbytes]
+
+    def put(self, view) -> None:
+        if not isinstance(view, memoryview):
+            return
+        buf = view.obj
+        view.release()
+        if isinstance(buf, bytearray) and len(buf) == self.size:
+            with self._lock:
+                if len(self._free) < self.keep:
+                    self._free.append(buf)
+
+
 def run(job: CopyJob) -> None:
     """Copy all sources into the target; QimgError/OSError on failure."""
     locks = [None if img.format == "raw" and img.backing is None else threading.Lock() for img in job.sources]
@@ -249,6 +281,7 @@ def run(job: CopyJob) -> None:
     direct = job.target.format == "raw" and compressor is None
     # compressed chunks are single clusters: keep many in flight
     ahead = READ_AHEAD * 8 if compressor is not None else READ_AHEAD
+    bufs = None if compressor is not None else _BufferPool(job.buf_sectors * SECTOR, ahead + WORKERS + 1)
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         pending: deque[tuple[Chunk, Future | None]] = deque()
         it = iter(chunks)
@@ -264,7 +297,7 @@ def run(job: CopyJob) -> None:
                     if compressor is not None:
                         fut = compressor.submit(pool, pool.submit(_read_chunk, job, chunk, locks))
                     else:
-                        fut = pool.submit(_produce, job, chunk, locks, direct)
+                        fut = pool.submit(_produce, job, chunk, locks, direct, bufs)
                 elif direct:
                     fut = pool.submit(_write_chunk, job, chunk, None, None)
                 pending.append((chunk, fut))
@@ -279,14 +312,17 @@ def run(job: CopyJob) -> None:
                 _write_chunk(job, chunk, result, compressor)
             elif not direct:
                 _write_chunk(job, chunk, result, None)
+                if result is not None and bufs is not None:
+                    bufs.put(result[0])
     if compressor is not None:
         _align_file_end(job.target)
 
 
-def _produce(job: CopyJob, chunk: Chunk, locks: list, direct: bool) -> tuple[bytes | bytearray, list] | None:
+def _produce(job: CopyJob, chunk: Chunk, locks: list, direct: bool,
+             bufs: "_BufferPool | None" = None) -> tuple[bytes | bytearray, list] | None:
     """Worker: read a data chunk and find its zero runs while the buffer is
     still in the CPU cache; with ``direct`` also write it out."""
-    data = _read_chunk(job, chunk, locks)
+    data = _read_chunk(job, chunk, locks, bufs)
     if job.min_sparse:
         runs = classify(data, chunk.sector, job.min_sparse, job.alignment)
     else:
@@ -296,6 +332,8 @@ def _produce(job: CopyJob, chunk: Chunk, locks: list, direct: bool) -> tuple[byt
             _write_runs(job, chunk, data, runs)
         except OSError as e:
             raise QimgError(f"error while writing at byte {chunk.sector * SECTOR}: {e.strerror}") from None
+        if bufs is not None:
+            bufs.put(data)
         return None
     return data, runs
 
@@ -312,20 +350,21 @@ def _align_file_end(target: Image) -> None:
         f.truncate(size + SECTOR - size % SECTOR)
 
 
-def _read_chunk(job: CopyJob, chunk: Chunk, locks: list) -> bytes | bytearray:
+def _read_chunk(job: CopyJob, chunk: Chunk, locks: list, bufs: "_BufferPool | None" = None) -> bytes | bytearray:
     try:
-        return _read_chunk_raw(job, chunk, locks)
+        return _read_chunk_raw(job, chunk, locks, bufs)
     except OSError as e:
         raise QimgError(f"error while reading at byte {chunk.sector * SECTOR}: {e.strerror}") from None
 
 
-def _read_chunk_raw(job: CopyJob, chunk: Chunk, locks: list) -> bytes | bytearray:
+def _read_chunk_raw(job: CopyJob, chunk: Chunk, locks: list,
+                    bufs: "_BufferPool | None" = None) -> bytes | bytearray:
     """The chunk's guest bytes, padded with zeroes to whole sectors.  A
     compressed cluster may span the end of one source and the start of the
     next (convert_co_read)."""
     sector, left = chunk.sector, chunk.sectors
     if chunk.host is not None:
-        buf = bytearray(left * SECTOR)
+        buf = bufs.get(left * SECTOR) if bufs is not None else bytearray(left * SECTOR)
         job.sources[chunk.src].driver.data_node.preadinto(chunk.host, memoryview(buf))
         return buf
     src_start = sum(job.src_sectors[: chunk.src])

@@ -9,6 +9,7 @@ of the L2 entries, one refcount update per allocation.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -102,15 +103,10 @@ def check_overlap(d: "Qcow2Driver", host: int, length: int) -> None:
         name = "refcount table"
     elif h.nb_snapshots and hits(h.snapshots_offset, 1):
         name = "snapshot table"
-    else:
-        l2 = (m.l1 & _U64(L2E_OFFSET_MASK)) >> _U64(cb)
-        if ((l2 >= first) & (l2 <= last) & (l2 != 0)).any():
-            name = "active L2 table"
-        else:
-            rt = d.refs.table & _U64(L2E_OFFSET_MASK)
-            rb = rt >> _U64(cb)
-            if ((rb >= first) & (rb <= last) & (rt != 0)).any():
-                name = "refcount block"
+    elif _any_within(_l2_clusters(m), first, last):
+        name = "active L2 table"
+    elif _any_within(d.refs.block_clusters(), first, last):
+        name = "refcount block"
     if name is None:
         return
     import sys
@@ -120,6 +116,25 @@ def check_overlap(d: "Qcow2Driver", host: int, length: int) -> None:
         sys.stderr.write(f"qcow2: Marking image as corrupt: Preventing invalid write on metadata "
                          f"(overlaps with {name}); further corruption events will be suppressed\n")
     raise QimgError("Input/output error")
+
+
+def _any_within(sorted_clusters: list[int], first: int, last: int) -> bool:
+    i = bisect_left(sorted_clusters, first)
+    return i < len(sorted_clusters) and sorted_clusters[i] <= last
+
+
+def _l2_clusters(m) -> list[int]:
+    """Sorted host cluster indices of the active L2 tables, cached on the map
+    under the L1 table's current bytes (the L1 is small, and is changed in
+    place by several modules, so its content is the only safe key)."""
+    key = m.l1.tobytes()
+    cached = getattr(m, "_l2_cluster_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    l2 = (m.l1 & _U64(L2E_OFFSET_MASK)) >> _U64(m.cluster_bits)
+    clusters = sorted(set(l2[l2 != 0].tolist()))
+    m._l2_cluster_cache = (key, clusters)
+    return clusters
 
 
 # ---- allocation helpers ----------------------------------------------------

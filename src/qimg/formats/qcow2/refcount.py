@@ -80,6 +80,8 @@ class Refcounts:
         nbytes = table_clusters << cluster_bits
         self.table = np.frombuffer(file.pread(table_offset, nbytes), dtype=">u8").astype(np.uint64)
         self.free_cluster_index = 0
+        #: sorted host cluster indices of the refcount blocks (block_clusters)
+        self._block_list: list[int] | None = None
         self._blocks: dict[int, np.ndarray] = {}
         self._dirty: set[int] = set()
 
@@ -127,6 +129,15 @@ class Refcounts:
         if table_index >= len(self.table):
             return 0
         return int(self.table[table_index]) & REFT_OFFSET_MASK
+
+    def block_clusters(self) -> list[int]:
+        """Sorted host cluster indices of all refcount blocks, kept between
+        calls (every change to the table below drops it), so the overlap
+        check before each data write is a bisection, not a table scan."""
+        if self._block_list is None:
+            rt = self.table & np.uint64(REFT_OFFSET_MASK)
+            self._block_list = sorted(set((rt[rt != 0] >> np.uint64(self.cluster_bits)).tolist()))
+        return self._block_list
 
     def get(self, cluster_index: int) -> int:
         off = self._block_offset(cluster_index >> self.block_bits)
@@ -270,6 +281,7 @@ class Refcounts:
         if ti < len(self.table):
             self.file.pwrite(self.table_offset + ti * 8, int(new_block).to_bytes(8, "big"))
             self.table[ti] = new_block
+            self._block_list = None
             raise _Again()
         blocks_used = -(-max(cluster_index + 1, (new_block >> self.cluster_bits) + 1) // self.block_size)
         self.refcount_area(blocks_used * self.block_size * self.cluster_size, 0, False, ti, new_block)
@@ -322,6 +334,7 @@ class Refcounts:
         self.file.pwrite(48, table_offset.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"))
         old_offset, old_size = self.table_offset, len(self.table)
         self.table = new_table
+        self._block_list = None
         self.table_offset = table_offset
         self.free(old_offset, old_size * 8)
         return end_offset
@@ -354,6 +367,7 @@ class Refcounts:
                 self._dirty.add(desc)
             self.free_cluster_index = min(self.free_cluster_index, own)
             self.table[i] = 0
+            self._block_list = None
             dropped.append(off)
         for off in dropped:
             self._blocks.pop(off, None)
