@@ -7,16 +7,17 @@ backing name is rewritten last, in one header write.  A crash before that
 write leaves the overlay over its old backing with the same content; after
 it, over the new one.  Unsafe mode only rewrites the name.
 
-The comparison goes in qemu-img's 2 MiB requests: whole buffers are compared
-at C speed first and only differing ones are split into 512-byte sectors
-with numpy, so that the same sector runs are written as qemu-img writes them.
+The comparison goes in qemu-img's 2 MiB requests, so that the same sector
+runs are written as qemu-img writes them; block status decides what is read
+(zero runs are not, plain data comes straight from its file into reused
+buffers) and numpy compares whole buffers in 64-bit words, then splits the
+differing ones into 512-byte sectors.  (A reader thread overlapping reads
+with writes was tried and gave nothing: the qcow2 write path holds the GIL.)
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -202,134 +203,66 @@ class _Work:
     runs: list[tuple[int, int]]
 
 
-def _requests(top: Image, plan: RebasePlan, lock: "threading.Lock", fresh_buffers: bool) -> Iterator[_Work]:
+def _requests(top: Image, plan: RebasePlan) -> Iterator[_Work]:
     """img_rebase's loop without the writes: for each request that is not
     skipped, the sector runs where the old and new backing files differ.
-
-    ``lock`` guards everything the writer touches too (the overlay's
-    metadata, the old chain it copies on write from); reading the new
-    backing file and comparing run outside it."""
+    The buffers are reused: a request's writes are done before the next."""
     size = top.size
     old_size = plan.old.size if plan.old is not None else 0
     new_size = plan.new.size if plan.new is not None else 0
     zeroes = memoryview(bytes(min(size, IO_BUF_SIZE)))
     old_mem = bytearray(min(size, IO_BUF_SIZE))
     new_mem = bytearray(min(size, IO_BUF_SIZE))
-    # The new backing file may be an image of the old chain.
-    new_shared = plan.prefix is not None
     offset = 0
     while offset < size:
-        with lock:
-            n = min(IO_BUF_SIZE, size - offset)
-            ext = top.block_status(offset, n)
-            n = ext.length
-            if ext.allocated:
+        n = min(IO_BUF_SIZE, size - offset)
+        ext = top.block_status(offset, n)
+        n = ext.length
+        if ext.allocated:
+            offset += n
+            continue
+        if plan.prefix is not None:
+            allocated, n = _allocated_above(plan.old, plan.prefix, offset, n)
+            if not allocated:
                 offset += n
                 continue
-            if plan.prefix is not None:
-                allocated, n = _allocated_above(plan.old, plan.prefix, offset, n)
-                if not allocated:
-                    offset += n
-                    continue
-            old_zero = offset >= old_size
-            if not old_zero:
-                n = min(n, old_size - offset)
-            if offset < new_size and plan.new is not None:
-                n = min(n, new_size - offset)
-            if fresh_buffers:
-                old_mem = bytearray(min(size, IO_BUF_SIZE))
-            # Ranges whose block status says zero are not read (same bytes).
-            if old_zero:
-                old_buf = zeroes[:n]
-            else:
-                assert plan.old is not None
-                old_buf = _fill(plan.old, offset, n, old_mem, zeroes, "old")
-            if new_shared and not (offset >= new_size or plan.new is None):
-                new_buf = _fill(plan.new, offset, n, new_mem, zeroes, "new")
+        old_zero = offset >= old_size
+        if not old_zero:
+            n = min(n, old_size - offset)
+        if offset < new_size and plan.new is not None:
+            n = min(n, new_size - offset)
+        # Ranges whose block status says zero are not read (same bytes).
+        if old_zero:
+            old_buf = zeroes[:n]
+        else:
+            assert plan.old is not None
+            old_buf = _fill(plan.old, offset, n, old_mem, zeroes, "old")
         if offset >= new_size or plan.new is None:
             new_buf = zeroes[:n]
-        elif not new_shared:
+        else:
             new_buf = _fill(plan.new, offset, n, new_mem, zeroes, "new")
         yield _Work(offset, old_zero, old_buf, _differing_runs(old_buf, new_buf))
         offset += n
 
 
-def _pipelined(top: Image, plan: RebasePlan) -> bool:
-    """Reading ahead while writing is exact only when every request ends on
-    a cluster boundary of the overlay (a write then never allocates a
-    cluster the next request's status query has already looked at)."""
-    cs = top.driver.cluster_size
-    if not cs or plan.prefix is not None:
-        return False
-    sizes = [img.size for img in (plan.old, plan.new) if img is not None]
-    return all(sz % cs == 0 for sz in sizes) and IO_BUF_SIZE % cs == 0
-
-
 def copy_differences(top: Image, plan: RebasePlan, progress: Callable[[float], None] | None = None) -> None:
     """Copy into ``top`` the old backing data wherever it differs from the
-    new backing and ``top`` does not allocate the range itself.
-
-    When exact (see _pipelined), a thread reads and compares the next
-    request while this one writes: reads and numpy comparisons release the
-    GIL, so the two overlap."""
+    new backing and ``top`` does not allocate the range itself."""
     size = top.size
     step = f32(100 / f32(size // min(size, IO_BUF_SIZE))) if size else 0.0
     acc = FloatAccumulator()
-    lock = threading.Lock()
-    threaded = _pipelined(top, plan)
-    works = _requests(top, plan, lock, fresh_buffers=threaded)
-    if threaded:
-        works = _read_ahead(works)
+    works = _requests(top, plan)
     for work in works:
-        with lock:
-            for s, e in work.runs:
-                try:
-                    if work.old_zero:
-                        top.write_zeroes(work.offset + s, e - s)
-                    else:
-                        top.write(work.offset + s, work.old_buf[s:e])
-                except QimgError as err:
-                    raise QimgError(f"Error while writing to COW image: {err.message}") from None
+        for s, e in work.runs:
+            try:
+                if work.old_zero:
+                    top.write_zeroes(work.offset + s, e - s)
+                else:
+                    top.write(work.offset + s, work.old_buf[s:e])
+            except QimgError as err:
+                raise QimgError(f"Error while writing to COW image: {err.message}") from None
         if progress is not None:
             progress(acc.add(step))
-
-
-_DONE = object()
-
-
-def _read_ahead(works: Iterator[_Work], depth: int = 2) -> Iterator[_Work]:
-    """``works`` produced by a thread, at most ``depth`` ahead."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for w in works:
-                if stop.is_set():
-                    return
-                q.put(w)
-            q.put(_DONE)
-        except BaseException as e:  # handed to the consumer, raised there
-            q.put(e)
-
-    t = threading.Thread(target=produce, daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        t.join()
 
 
 def change_backing(top: Image, backing: str | None, backing_fmt: str | None, require_format: bool) -> None:
