@@ -35,6 +35,8 @@ class Driver:
     supports_compression: ClassVar[bool] = False
     supports_check: ClassVar[bool] = False
     supports_snapshots: ClassVar[bool] = False
+    #: the format stores persistent dirty bitmaps (``dirty_bitmaps()``)
+    supports_bitmaps: ClassVar[bool] = False
     #: compressed output ends with qemu-img's empty compressed write, on
     #: which the format rounds its file up to whole sectors (qcow2 does;
     #: qcow refuses that write and leaves the file as it is)
@@ -63,6 +65,15 @@ class Driver:
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
         """Create an image; ``options`` hold typed values from create_opts."""
         raise UnsupportedError(f"Format driver '{cls.format_name}' does not support image creation")
+
+    @classmethod
+    def measure(cls, size: int | None, options: dict[str, Any], source: "Image | None") -> dict[str, int]:
+        """What a new image of this format needs (``qemu-img measure``):
+        {"required": N, "fully-allocated": N} and "bitmaps" where qemu-img
+        prints it; for ``size`` bytes, or for a copy of ``source``.
+        ``options`` hold typed values from create_opts (and the file
+        protocol's: size, preallocation, nocow, extent_size_hint)."""
+        raise UnsupportedError(f"Block driver '{cls.format_name}' does not support size measurement")
 
     @classmethod
     def open(cls, file: "File", read_only: bool = True, options: dict[str, Any] | None = None) -> "Driver":
@@ -155,5 +166,17 @@ class Driver:
         vm-clock-nsec, icount (when known).  ``info`` lists them."""
         return []
 
+    def dirty_bitmaps(self) -> Any:
+        """The image's persistent dirty bitmaps (an object with ``bitmaps``,
+        ``find``, ``add``, ``remove``; see formats/qcow2/bitmap.py), for
+        formats with ``supports_bitmaps``."""
+        raise UnsupportedError("Operation not supported")
+
     def check(self, repair: str | None = None) -> Any:
         raise UnsupportedError("This image format does not support checks")
+
+    def persistent_bitmaps_size(self, cluster_size: int) -> int | None:
+        """Bytes the persistent dirty bitmaps would need in a new qcow2 image
+        of ``cluster_size`` (measure's "bitmaps size"); None when this
+        image cannot hold persistent bitmaps at all."""
+        return None

@@ -33,6 +33,7 @@ from qimg.formats.qcow2.create import CREATE_OPTS
 if TYPE_CHECKING:
     from qimg.formats.qcow2.cluster import ClusterMap
     from qimg.formats.qcow2.refcount import Refcounts
+    from qimg.formats.qcow2.snapshot import QCowSnapshot
 
 #: QEMU's limits against hostile headers
 QCOW_MAX_L1_SIZE = 32 << 20
@@ -62,6 +63,8 @@ class Qcow2Driver(Driver):
     supports_resize = True
     supports_compression = True
     supports_check = True
+    supports_snapshots = True
+    supports_bitmaps = True
 
     # ---- probing, creation ------------------------------------------------------
     @classmethod
@@ -76,6 +79,12 @@ class Qcow2Driver(Driver):
 
         create_image(filename, size, options)
 
+    @classmethod
+    def measure(cls, size: int | None, options: dict[str, Any], source: Any) -> dict[str, int]:
+        from qimg.formats.qcow2.measure import measure
+
+        return measure(size, options, source)
+
     # ---- open ---------------------------------------------------------------------
     def do_open(self, options: dict[str, Any]) -> None:
         self._map: "ClusterMap | None" = None
@@ -85,6 +94,8 @@ class Qcow2Driver(Driver):
         self._free_byte_offset = 0
         self._zcache: tuple[int, bytes] | None = None
         self._meta_prealloc: bool | None = None
+        self._snapshots: "list[QCowSnapshot] | None" = None
+        self._snapshots_size = 0
         self.header = self._read_header()
         h = self.header
         self.cluster_bits = h.cluster_bits
@@ -96,6 +107,11 @@ class Qcow2Driver(Driver):
             raise QimgError("qcow2: Image is corrupt; cannot be opened read/write")
         if h.incompatible_features & H.INCOMPAT_DIRTY and not self.read_only:
             self._repair_dirty()
+        # QEMU reads the snapshot table on open, except in check mode,
+        # where the check itself reports a damaged table.
+        if not options.get("check"):
+            _ = self.snapshots
+        self._open_bitmaps()
 
     def _read_header(self) -> H.QCowHeader:
         buf = self.file.pread(0, 4096)
@@ -174,6 +190,28 @@ class Qcow2Driver(Driver):
         self.drop_caches()
         self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
 
+    # ---- persistent dirty bitmaps (bitmap.py) -------------------------------------
+    def _open_bitmaps(self) -> None:
+        from qimg.formats.qcow2 import bitmap
+
+        bitmap.validate_ext(self.header)
+        self._bitmaps: "bitmap.BitmapStore | None" = None
+        # QEMU loads the bitmaps on a read-write open and flags them in use
+        # before any write; read-only users load them on demand.
+        if not self.read_only:
+            self._bitmaps = bitmap.open_store(self)
+
+    def dirty_bitmaps(self) -> Any:
+        if self._bitmaps is None:
+            from qimg.formats.qcow2.bitmap import BitmapStore
+
+            self._bitmaps = BitmapStore(self)
+        return self._bitmaps
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        if self._bitmaps is not None:
+            self._bitmaps.mark(offset, length)
+
     # ---- attributes ------------------------------------------------------------
     @property
     def backing_filename(self) -> str | None:
@@ -195,6 +233,12 @@ class Qcow2Driver(Driver):
         if h.version >= 3:
             data["corrupt"] = bool(h.incompatible_features & H.INCOMPAT_CORRUPT)
             data["extended-l2"] = h.extended_l2
+            if h.bitmaps_ext is not None:
+                from qimg.formats.qcow2.bitmap import info_list
+
+                bitmaps = info_list(self)
+                if bitmaps:
+                    data["bitmaps"] = bitmaps
         return {"type": "qcow2", "data": data}
 
     def dirty_flag(self) -> bool:
@@ -204,6 +248,13 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2.check import check_image
 
         return check_image(self, repair)
+
+    def persistent_bitmaps_size(self, cluster_size: int) -> int | None:
+        from qimg.formats.qcow2.measure import persistent_bitmaps_size
+
+        if self.header.version < 3:
+            return None
+        return persistent_bitmaps_size(self.header, self.file, self.size, cluster_size)
 
     # ---- metadata access ---------------------------------------------------------
     @property
@@ -239,6 +290,7 @@ class Qcow2Driver(Driver):
         self._zcache = None
         self._free_byte_offset = 0
         self._meta_prealloc = None
+        self._snapshots = None
         self.header = self._read_header_unchecked()
 
     def _read_header_unchecked(self) -> H.QCowHeader:
@@ -323,18 +375,21 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2 import io
 
         self._writable()
+        self._mark_dirty(offset, len(data))
         io.write(self, offset, memoryview(data).cast("B"))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         from qimg.formats.qcow2 import io
 
         self._writable()
+        self._mark_dirty(offset, length)
         io.write_zeroes(self, offset, length, unmap)
 
     def discard(self, offset: int, length: int) -> None:
         from qimg.formats.qcow2 import io
 
         self._writable()
+        self._mark_dirty(offset, length)
         io.discard(self, offset, length)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
@@ -356,6 +411,7 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2 import io
 
         self._writable()
+        self._mark_dirty(offset, self.cluster_size)
         io.write_compressed_raw(self, offset, compressed)
 
     def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
@@ -364,8 +420,12 @@ class Qcow2Driver(Driver):
         if size_to_l1(size, self.cluster_bits) > QCOW_MAX_L1_SIZE // 8:
             # qcow2_grow_l1_table's -EFBIG, before anything is written
             raise QimgError("Failed to grow the L1 table: File too large")
+        if self._bitmaps is not None:
+            self._bitmaps.prepare_resize()
         self._writable()
         io.truncate(self, size, prealloc, shrink)
+        if self._bitmaps is not None:
+            self._bitmaps.finish_resize()
 
     def flush_metadata(self) -> None:
         """Write cached refcounts, L2 tables and L1 entries, in that order."""
@@ -381,12 +441,72 @@ class Qcow2Driver(Driver):
         self.file.flush()
 
     def close(self) -> None:
+        if self._bitmaps is not None and not self.read_only:
+            store, self._bitmaps = self._bitmaps, None
+            store.store()
         if self._modified and not self.read_only:
             self.flush_metadata()
             if self._set_dirty:
                 self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
                 self._set_dirty = False
             self._modified = False
+
+    # ---- internal snapshots (formats/qcow2/snapshot.py) ------------------------------
+    @property
+    def snapshots(self) -> "list[QCowSnapshot]":
+        """The snapshot table, read on first use (qcow2_read_snapshots)."""
+        if self._snapshots is None:
+            from qimg.formats.qcow2.snapshot import read_table
+
+            h = self.header
+            self._snapshots, self._snapshots_size = read_table(self.file, h.snapshots_offset,
+                                                               h.nb_snapshots, self.size)
+        return self._snapshots
+
+    def snapshot_list(self) -> list[dict[str, Any]]:
+        return [sn.info() for sn in self.snapshots]
+
+    def snapshot_create(self, name: str, date_sec: int, date_nsec: int) -> None:
+        from qimg.formats.qcow2 import snapshot
+
+        if self.read_only:
+            raise QimgError("Image is read-only")
+        snapshot.create(self, name, date_sec, date_nsec)
+
+    def snapshot_goto(self, id_or_name: str) -> None:
+        from qimg.formats.qcow2 import snapshot
+
+        if self.read_only:
+            raise QimgError("Image is read-only")
+        snapshot.goto(self, id_or_name)
+
+    def snapshot_delete(self, snapshot_id: str | None, name: str | None) -> None:
+        from qimg.formats.qcow2 import snapshot
+
+        if self.read_only:
+            raise QimgError("Image is read-only")
+        snapshot.delete(self, snapshot_id, name)
+
+    def load_snapshot_tmp(self, snapshot_id: str | None, name: str | None = None, *,
+                          exact: bool = False) -> None:
+        """Read the snapshot's content instead of the active image's
+        (``convert -l``).  With one argument and not ``exact``, it is an ID
+        or else a name (bdrv_snapshot_load_tmp_by_id_or_name); errors read
+        "Failed to load snapshot: ..." as qemu-img prints them."""
+        from qimg.formats.qcow2 import snapshot
+
+        try:
+            if name is None and not exact and snapshot_id is not None:
+                try:
+                    snapshot.load_tmp(self, snapshot_id, None)
+                except snapshot.SnapshotErrno as e:
+                    if e.errno not in (2, 22):
+                        raise
+                    snapshot.load_tmp(self, None, snapshot_id)
+            else:
+                snapshot.load_tmp(self, snapshot_id, name)
+        except QimgError as e:
+            raise QimgError("Failed to load snapshot: " + e.message, e.code) from None
 
     # ---- backing chain (formats/qcow2/backing.py) ------------------------------------
     def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:
