@@ -1,0 +1,81 @@
+"""``qemu-img snapshot [--object objectdef] [--image-opts] [-U] [-q]
+[-l | -a snapshot | -c snapshot | -d snapshot] filename``.
+
+As in qemu-img 7.2 there is no ``-f``: the format is probed (or given with
+``--image-opts``).  Without an action the snapshots are listed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from qimg.cli import args
+from qimg.cli.common import add_object, open_image
+from qimg.errors import QimgError
+
+#: hint lines qemu appends to an error (error_append_hint): no program name
+_HINT_PREFIXES = ("You can force-remove",)
+
+
+def run(prog: str, argv: list[str]) -> int:
+    opts, operands = args.parse(argv, "la:c:d:hqU", ["help", "object=", "image-opts", "force-share"])
+    action: str | None = None
+    name = ""
+    quiet = force_share = use_image_opts = False
+    for opt, val in opts:
+        if opt in ("-h", "--help"):
+            from qimg.cli import usage
+
+            sys.stdout.write(usage.help_text(prog))
+            return 0
+        if opt in ("-l", "-a", "-c", "-d"):
+            if action is not None:
+                raise QimgError("Cannot mix '-l', '-a', '-c', '-d'", hint=True)
+            action, name = opt, val
+        elif opt == "-q":
+            quiet = True
+        elif opt in ("-U", "--force-share"):
+            force_share = True
+        elif opt == "--object":
+            add_object(val)
+        elif opt == "--image-opts":
+            use_image_opts = True
+    if len(operands) != 1:
+        raise QimgError("Expecting one image file name", hint=True)
+    filename = operands[0]
+    action = action or "-l"
+    try:
+        return _run(prog, action, name, filename, quiet, force_share, use_image_opts)
+    except QimgError as e:
+        lines = e.message.split("\n")
+        for line in lines:
+            if line.startswith(_HINT_PREFIXES):
+                sys.stderr.write(line + "\n")
+            else:
+                sys.stderr.write(f"{prog}: {line}\n")
+        return e.code
+
+
+def _run(prog: str, action: str, name: str, filename: str, quiet: bool, force_share: bool,
+         use_image_opts: bool) -> int:
+    from qimg.ops import snapshot as ops
+
+    img = open_image(filename, None, read_only=action == "-l", force_share=force_share,
+                     use_image_opts=use_image_opts)
+    try:
+        if action == "-l":
+            sys.stdout.write(ops.list_text(img))
+        elif action == "-c":
+            ops.create(img, name)
+        elif action == "-a":
+            if img.probed and img.format == "raw":
+                # qemu-img reopens the file node to fall back to, warning again
+                from qimg.cli.common import _RAW_PROBE_WARNING
+
+                sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))
+            ops.apply(img, name)
+        else:
+            ops.delete(img, name)
+    finally:
+        img.close()
+    return 0

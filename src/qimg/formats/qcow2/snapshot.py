@@ -1,0 +1,498 @@
+"""qcow2 internal snapshots (docs/interop/qcow2.txt, "Snapshots").
+
+The snapshot table is a list of QCowSnapshot entries, each padded to 8
+bytes: a 40-byte header, extra data (vm_state_size_large, disk_size,
+icount, and whatever later versions add: kept verbatim), the ID string and
+the name.  It is always rewritten whole to newly allocated clusters and
+only then pointed at from the header, so a crash leaves the old or the new
+table.
+
+Creating, applying and deleting a snapshot add or drop one reference to
+every cluster an L1 table reaches (its L2 tables, their data clusters) and
+then recompute QCOW_OFLAG_COPIED (set only where the refcount is exactly 1),
+as QEMU's qcow2_update_snapshot_refcount.  The refcount work is done on
+numpy arrays, one L2 table at a time; this module imports numpy lazily so
+that ``qimg info`` (which parses the table) never loads it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qimg.errors import QimgError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from qimg.formats.qcow2.driver import Qcow2Driver
+    from qimg.protocols.file import File
+
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes
+EXTRA_DATA = struct.Struct(">QQQ")  # vm_state_size_large, disk_size, icount
+#: QEMU's limits against hostile tables
+QCOW_MAX_SNAPSHOTS = 65536
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
+QCOW_MAX_L1_SIZE = 32 << 20
+INT64_MAX = (1 << 63) - 1
+ICOUNT_NONE = (1 << 64) - 1
+#: qemu's QEMUSnapshotInfo buffers: longer IDs and names are cut there
+ID_STR_MAX = 127
+NAME_MAX = 255
+#: where nb_snapshots and snapshots_offset sit in the header
+HEADER_NB_SNAPSHOTS = 60
+
+
+class SnapshotErrno(QimgError):
+    """A failure QEMU reports as a negative errno (``-errno (strerror)`` in
+    ``snapshot -c``, ``strerror`` elsewhere)."""
+
+    def __init__(self, errno: int, message: str | None = None) -> None:
+        super().__init__(message or os.strerror(errno))
+        self.errno = errno
+
+
+@dataclass
+class QCowSnapshot:
+    l1_table_offset: int
+    l1_size: int
+    id_str: bytes
+    name: bytes
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    disk_size: int = 0
+    icount: int = ICOUNT_NONE
+    extra_data_size: int = EXTRA_DATA.size
+    #: extra data past the fields this implementation knows, kept as it was
+    unknown_extra_data: bytes = b""
+
+    def info(self) -> dict[str, Any]:
+        """The SnapshotInfo dict ``info`` and ``snapshot -l`` print, keys in
+        the QAPI schema's order."""
+        d: dict[str, Any] = {
+            "id": _text(self.id_str[:ID_STR_MAX]),
+            "name": _text(self.name[:NAME_MAX]),
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        }
+        if self.icount != ICOUNT_NONE:
+            d["icount"] = self.icount
+        return d
+
+
+def _text(raw: bytes) -> str:
+    # C strings: the name ends at the first NUL
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _cstr(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0]
+
+
+# ---- the table -------------------------------------------------------------------
+
+
+class _Reader:
+    """Sequential reads of the table through one buffer (the table is
+    bounded by QCOW_MAX_SNAPSHOTS_SIZE, so this never grows without end)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, file: "File", offset: int) -> None:
+        self.file = file
+        self.base = offset
+        self.buf = b""
+
+    def get(self, offset: int, length: int) -> bytes:
+        rel = offset - self.base
+        if rel + length > len(self.buf):
+            want = max(rel + length, len(self.buf) + self.CHUNK) - len(self.buf)
+            self.buf += self.file.pread(self.base + len(self.buf), want)
+        return self.buf[rel:rel + length]
+
+
+def read_table(file: "File", offset: int, nb: int, disk_size: int) -> tuple[list[QCowSnapshot], int]:
+    """Parse ``nb`` entries at ``offset`` (qcow2_read_snapshots); returns the
+    entries and the table's size in bytes.  Past the end of the file reads
+    as zeroes, as QEMU's file protocol does."""
+    snaps: list[QCowSnapshot] = []
+    if not nb:
+        return snaps, 0
+    rd = _Reader(file, offset)
+    pos = offset
+    for i in range(nb):
+        pos = -(-pos // 8) * 8
+        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, clock, vm_state,
+         extra_size) = SNAPSHOT_HEADER.unpack(rd.get(pos, SNAPSHOT_HEADER.size))
+        pos += SNAPSHOT_HEADER.size
+        if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+            raise SnapshotErrno(27, f"Too much extra metadata in snapshot table entry {i}\n"
+                                "You can force-remove this extra metadata with qemu-img check -r all")
+        extra = rd.get(pos, extra_size)
+        known = extra[:EXTRA_DATA.size].ljust(EXTRA_DATA.size, b"\0")
+        large, dsize, icount = EXTRA_DATA.unpack(known)
+        sn = QCowSnapshot(l1_off, l1_size, b"", b"", date_sec, date_nsec, clock, vm_state,
+                          disk_size, ICOUNT_NONE, extra_size, extra[EXTRA_DATA.size:])
+        if extra_size >= 8:
+            sn.vm_state_size = large
+        if extra_size >= 16:
+            sn.disk_size = dsize
+        if extra_size >= 24:
+            sn.icount = icount
+        pos += extra_size
+        sn.id_str = _cstr(rd.get(pos, id_len))
+        pos += id_len
+        sn.name = _cstr(rd.get(pos, name_len))
+        pos += name_len
+        if pos - offset > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise SnapshotErrno(27, "Snapshot table is too big\n"
+                                f"You can force-remove all {nb - i} overhanging snapshots with qemu-img check -r all")
+        snaps.append(sn)
+    return snaps, pos - offset
+
+
+def encode_table(snaps: list[QCowSnapshot]) -> bytes:
+    """The table as qcow2_write_snapshots lays it out: extra data at least
+    the 24 known bytes, unknown extra data after them."""
+    out = bytearray()
+    for sn in snaps:
+        out += bytes(-len(out) % 8)
+        extra_size = max(EXTRA_DATA.size, sn.extra_data_size)
+        vm32 = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
+        out += SNAPSHOT_HEADER.pack(sn.l1_table_offset, sn.l1_size, len(sn.id_str), len(sn.name),
+                                    sn.date_sec, sn.date_nsec, sn.vm_clock_nsec, vm32, extra_size)
+        out += EXTRA_DATA.pack(sn.vm_state_size, sn.disk_size, sn.icount)
+        out += sn.unknown_extra_data[:extra_size - EXTRA_DATA.size].ljust(extra_size - EXTRA_DATA.size, b"\0")
+        out += sn.id_str + sn.name
+        if len(out) > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise SnapshotErrno(27)
+    return bytes(out)
+
+
+def write_table(d: "Qcow2Driver", snaps: list[QCowSnapshot], freed: "list[np.ndarray] | None" = None) -> None:
+    """Write the whole table to new clusters, point the header at it, then
+    free the old one (qcow2_write_snapshots)."""
+    data = encode_table(snaps)
+    refs = d.refs
+    d.flush_metadata()
+    new_offset = refs.alloc(len(data)) if data else refs.alloc_noref(0)
+    refs.flush()
+    if data:
+        d.file.pwrite(new_offset, data)
+    d.file.flush()
+    d.file.pwrite(HEADER_NB_SNAPSHOTS, struct.pack(">IQ", len(snaps), new_offset))
+    d.file.flush()
+    old_offset, old_size = d.header.snapshots_offset, d._snapshots_size
+    d.header.nb_snapshots, d.header.snapshots_offset = len(snaps), new_offset
+    d._snapshots, d._snapshots_size = snaps, len(data)
+    if old_size:
+        refs.free(old_offset, old_size)
+        refs.flush()
+        if freed is not None:
+            freed.append(_range_clusters(d, old_offset, old_size))
+
+
+# ---- finding ---------------------------------------------------------------------
+
+
+def find(snaps: list[QCowSnapshot], snapshot_id: str | None, name: str | None) -> int:
+    """find_snapshot_by_id_and_name: both must match when both are given."""
+    sid = snapshot_id.encode("utf-8", "surrogateescape") if snapshot_id is not None else None
+    nm = name.encode("utf-8", "surrogateescape") if name is not None else None
+    if sid is None and nm is None:
+        return -1
+    for i, sn in enumerate(snaps):
+        if (sid is None or sn.id_str == sid) and (nm is None or sn.name == nm):
+            return i
+    return -1
+
+
+def find_id_or_name(snaps: list[QCowSnapshot], id_or_name: str) -> int:
+    i = find(snaps, id_or_name, None)
+    return i if i >= 0 else find(snaps, None, id_or_name)
+
+
+def _strtoul(text: bytes) -> int:
+    m = re.match(rb"\s*([+-]?)(\d+)", text)
+    if not m:
+        return 0
+    value = int(m.group(2))
+    if value > (1 << 64) - 1:
+        return (1 << 64) - 1
+    return (-value) % (1 << 64) if m.group(1) == b"-" else value
+
+
+def _validate_l1(d: "Qcow2Driver", sn: QCowSnapshot) -> None:
+    """qcow2_validate_table for a snapshot's L1 table."""
+    if sn.l1_size > QCOW_MAX_L1_SIZE // 8:
+        raise SnapshotErrno(27, "Snapshot L1 table too large")
+    if (INT64_MAX - sn.l1_size * 8 < sn.l1_table_offset) or sn.l1_table_offset % d.cluster_size:
+        raise SnapshotErrno(22, "Snapshot L1 table offset invalid")
+
+
+def _read_l1(d: "Qcow2Driver", offset: int, size: int) -> "np.ndarray":
+    import numpy as np
+
+    return np.frombuffer(d.file.pread(offset, size * 8), dtype=">u8").astype(np.uint64)
+
+
+# ---- references ------------------------------------------------------------------
+
+
+def _refcounts_of(refs: Any, idx: "np.ndarray") -> "np.ndarray":
+    """Refcounts of the (sorted, unique) cluster indices ``idx``, one
+    refcount block at a time."""
+    import numpy as np
+
+    out = np.zeros(len(idx), dtype=np.uint64)
+    if not len(idx):
+        return out
+    bb = refs.block_bits
+    blocks = idx >> np.uint64(bb)
+    cuts = np.flatnonzero(np.diff(blocks)) + 1
+    for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(idx)]))):
+        b = int(blocks[lo])
+        rc = refs.get_range(b << bb, 1 << bb)
+        out[lo:hi] = rc[(idx[lo:hi] & np.uint64((1 << bb) - 1)).astype(np.int64)]
+    return out
+
+
+def _add_refs(d: "Qcow2Driver", idx: "np.ndarray", counts: "np.ndarray", addend: int) -> "np.ndarray":
+    """Add ``addend * count`` to each cluster, checking every result first so
+    a refused update changes nothing (QEMU: -EINVAL).  Returns the clusters
+    left unreferenced."""
+    import numpy as np
+
+    refs = d.refs
+    cur = _refcounts_of(refs, idx).astype(np.int64)
+    new = cur + counts.astype(np.int64) * addend
+    if len(new) and ((new < 0).any() or (new > refs.max).any()):
+        raise SnapshotErrno(22)
+    cb = d.cluster_bits
+    for c in np.unique(counts):
+        sel = idx[counts == c].astype(np.int64)
+        cuts = np.flatnonzero(np.diff(sel) != 1) + 1
+        for run in np.split(sel, cuts):
+            refs.update(int(run[0]) << cb, len(run) << cb, int(c) * addend)
+    return idx[new == 0]
+
+
+def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
+                             freed: "list[np.ndarray] | None" = None) -> "np.ndarray":
+    """Add ``addend`` (+1, -1 or 0) to the refcount of every cluster ``l1``
+    reaches, then set QCOW_OFLAG_COPIED exactly where a refcount is 1, in
+    the L2 tables (through the driver's L2 cache) and in the returned copy
+    of ``l1`` (qcow2_update_snapshot_refcount).  Clusters left unreferenced
+    are not written to again and are added to ``freed``."""
+    import numpy as np
+
+    from qimg.formats.qcow2 import cluster as C
+    from qimg.formats.qcow2.compress import parse_descriptor
+
+    cb, cs = d.cluster_bits, d.cluster_size
+    m = d.map
+    u64 = np.uint64
+    copied = u64(C.QCOW_OFLAG_COPIED)
+    l1 = l1.copy()
+    used = np.flatnonzero(l1 & u64(C.L1E_OFFSET_MASK))
+    l2_offsets = (l1[used] & u64(C.L1E_OFFSET_MASK))
+    if ((l2_offsets & u64(cs - 1)) != 0).any():
+        raise SnapshotErrno(5)
+    if addend:
+        parts = [l2_offsets >> u64(cb)]
+        for off in l2_offsets.tolist():
+            tab = m.l2_table(off)
+            kinds = C.classify(tab)
+            plain = tab[(kinds == C.NORMAL) | (kinds == C.ZERO_ALLOC)] & u64(C.L2E_OFFSET_MASK)
+            if ((plain & u64(cs - 1)) != 0).any():
+                raise SnapshotErrno(5)
+            parts.append(plain >> u64(cb))
+            for ent in tab[kinds == C.COMPRESSED].tolist():
+                host, size = parse_descriptor(int(ent), cb)
+                parts.append(np.arange(host >> cb, ((host + size - 1) >> cb) + 1, dtype=u64))
+        idx, counts = np.unique(np.concatenate(parts).astype(u64), return_counts=True)
+        gone = _add_refs(d, idx, counts, addend)
+        if freed is not None:
+            freed.append(gone)
+    # QCOW_OFLAG_COPIED from the new refcounts
+    l2_rc = _refcounts_of(d.refs, np.unique(l2_offsets >> u64(cb)))
+    l2_rc_map = dict(zip(np.unique(l2_offsets >> u64(cb)).tolist(), l2_rc.tolist()))
+    for off in l2_offsets.tolist():
+        if l2_rc_map[off >> cb] == 0:
+            continue  # freed: nothing more to write there
+        tab = m.l2_table(off)
+        kinds = C.classify(tab)
+        plain = (kinds == C.NORMAL) | (kinds == C.ZERO_ALLOC)
+        want = tab & ~copied
+        pi = np.flatnonzero(plain)
+        if len(pi):
+            hosts = (tab[pi] & u64(C.L2E_OFFSET_MASK)) >> u64(cb)
+            uniq, inv = np.unique(hosts, return_inverse=True)
+            rc = _refcounts_of(d.refs, uniq)[inv]
+            want[pi[rc == 1]] |= copied
+        if not np.array_equal(want, tab):
+            tab[:] = want
+            m.mark_dirty(off)
+    rcs = np.array([l2_rc_map[int(o) >> cb] for o in l2_offsets.tolist()], dtype=u64)
+    l1[used] = np.where(rcs == 1, l2_offsets | copied, l2_offsets)
+    return l1
+
+
+def _range_clusters(d: "Qcow2Driver", offset: int, length: int) -> "np.ndarray":
+    import numpy as np
+
+    if length <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    cb = d.cluster_bits
+    return np.arange(offset >> cb, ((offset + length - 1) >> cb) + 1, dtype=np.uint64)
+
+
+def _discard(d: "Qcow2Driver", freed: "list[np.ndarray]") -> None:
+    """Punch the clusters these operations freed, as QEMU passes discards of
+    snapshot metadata and data down to the file (pass-discard-snapshot is
+    on by default); only those still unreferenced once all is written."""
+    import numpy as np
+
+    if not freed:
+        return
+    d.flush_metadata()
+    idx = np.unique(np.concatenate(freed).astype(np.uint64))
+    idx = idx[_refcounts_of(d.refs, idx) == 0].astype(np.int64)
+    cb = d.cluster_bits
+    size = d.file.size
+    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+    for run in np.split(idx, cuts):
+        if len(run):
+            start = int(run[0]) << cb
+            end = min((int(run[-1]) + 1) << cb, size)
+            if end > start:
+                d.file.write_zeroes(start, end - start)
+
+
+# ---- operations --------------------------------------------------------------------
+
+
+def create(d: "Qcow2Driver", name: str, date_sec: int, date_nsec: int,
+           vm_clock_nsec: int = 0, icount: int = 0) -> None:
+    """qcow2_snapshot_create for a disk-only snapshot (vm_state_size 0)."""
+    snaps = list(d.snapshots)
+    if len(snaps) >= QCOW_MAX_SNAPSHOTS:
+        raise SnapshotErrno(27)
+    new_id = max((_strtoul(s.id_str) for s in snaps), default=0) + 1
+    d.flush_metadata()
+    m, refs = d.map, d.refs
+    l1 = m.l1.copy()
+    sn = QCowSnapshot(0, len(l1), str(new_id).encode()[:ID_STR_MAX],
+                      name.encode("utf-8", "surrogateescape")[:NAME_MAX],
+                      date_sec, date_nsec, vm_clock_nsec, 0, d.size, icount)
+    # The copy keeps the flags it had: QEMU copies before updating them.
+    sn.l1_table_offset = refs.alloc(len(l1) * 8) if len(l1) else refs.alloc_noref(0)
+    refs.flush()
+    d.file.pwrite(sn.l1_table_offset, l1.astype(">u8").tobytes())
+    new_l1 = update_snapshot_refcount(d, l1, 1)
+    _set_active_l1(d, new_l1)
+    d.flush_metadata()
+    d.file.flush()
+    snaps.append(sn)
+    freed: list = []
+    write_table(d, snaps, freed)
+    _discard(d, freed)
+
+
+def _set_active_l1(d: "Qcow2Driver", l1: "np.ndarray") -> None:
+    import numpy as np
+
+    m = d.map
+    changed = np.flatnonzero(m.l1 != l1)
+    m.l1[:] = l1
+    m.l1_dirty.update(changed.tolist())
+
+
+def goto(d: "Qcow2Driver", id_or_name: str) -> None:
+    """qcow2_snapshot_goto: the active L1 becomes a copy of the snapshot's."""
+    import numpy as np
+
+    snaps = d.snapshots
+    i = find_id_or_name(snaps, id_or_name)
+    if i < 0:
+        raise SnapshotErrno(2)
+    sn = snaps[i]
+    try:
+        _validate_l1(d, sn)
+    except SnapshotErrno as e:
+        raise SnapshotErrno(e.errno, e.message + "\n" + os.strerror(e.errno)) from None
+    if sn.disk_size != d.size:
+        raise SnapshotErrno(95, "qcow2: Loading snapshots with different disk size is not implemented\n"
+                            + os.strerror(95))
+    d.flush_metadata()
+    from qimg.formats.qcow2 import io
+
+    io.grow_l1(d, sn.l1_size)
+    m = d.map
+    sn_l1 = np.zeros(len(m.l1), dtype=np.uint64)
+    sn_l1[:sn.l1_size] = _read_l1(d, sn.l1_table_offset, sn.l1_size)
+    own = update_snapshot_refcount(d, sn_l1[:sn.l1_size], 1)
+    d.flush_metadata()
+    if not np.array_equal(own, sn_l1[:sn.l1_size]):
+        d.file.pwrite(sn.l1_table_offset, own.astype(">u8").tobytes())
+    # New references are counted; now switch, then drop the old ones.
+    d.file.pwrite(m.l1_offset, sn_l1.astype(">u8").tobytes())
+    d.file.flush()
+    old = m.l1.copy()
+    m.l1[:] = sn_l1
+    m.l1_dirty.clear()
+    freed: list = []
+    update_snapshot_refcount(d, old, -1, freed)
+    d.flush_metadata()
+    _set_active_l1(d, update_snapshot_refcount(d, m.l1, 0))
+    d.flush_metadata()
+    _discard(d, freed)
+    d.file.flush()
+
+
+def delete(d: "Qcow2Driver", snapshot_id: str | None, name: str | None) -> None:
+    """qcow2_snapshot_delete: out of the table first, then its references."""
+    snaps = list(d.snapshots)
+    i = find(snaps, snapshot_id, name)
+    if i < 0:
+        raise SnapshotErrno(2, "Can't find the snapshot")
+    sn = snaps.pop(i)
+    _validate_l1(d, sn)
+    d.flush_metadata()
+    freed: list = []
+    write_table(d, snaps, freed)
+    old = _read_l1(d, sn.l1_table_offset, sn.l1_size)
+    update_snapshot_refcount(d, old, -1, freed)
+    d.flush_metadata()
+    if sn.l1_size:
+        d.refs.free(sn.l1_table_offset, sn.l1_size * 8)
+        freed.append(_range_clusters(d, sn.l1_table_offset, sn.l1_size * 8))
+    _set_active_l1(d, update_snapshot_refcount(d, d.map.l1, 0))
+    d.flush_metadata()
+    _discard(d, freed)
+    d.file.flush()
+
+
+def load_tmp(d: "Qcow2Driver", snapshot_id: str | None, name: str | None) -> None:
+    """qcow2_snapshot_load_tmp: read the snapshot's L1 in place of the
+    active one (read-only opens only)."""
+    from qimg.formats.qcow2.cluster import ClusterMap
+
+    if not d.read_only:
+        raise QimgError("Device is not readonly")
+    snaps = d.snapshots
+    i = find(snaps, snapshot_id, name)
+    if i < 0:
+        raise SnapshotErrno(2, "Can't find snapshot")
+    sn = snaps[i]
+    _validate_l1(d, sn)
+    d._map = ClusterMap(d.file, d.cluster_bits, sn.l1_table_offset, sn.l1_size)
