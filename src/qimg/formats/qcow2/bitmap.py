@@ -360,8 +360,12 @@ class BitmapStore:
         table = np.frombuffer(raw, dtype=">u8")
         offs = table & np.uint64(TABLE_OFFSET_MASK)
         ok = (table & np.uint64(TABLE_RESERVED_MASK)) == 0
+        cs = d.cluster_size
         for off in offs[ok & (offs != 0)]:
-            d.refs.free(int(off), d.cluster_size)
+            d.refs.free(int(off), cs)
+            # QEMU frees bitmap data with QCOW2_DISCARD_ALWAYS: the file gets a hole
+            if d.refs.get(int(off) // cs) == 0 and int(off) < d.file.size:
+                d.file.write_zeroes(int(off), min(cs, d.file.size - int(off)))
         d.refs.free(e.table_offset, e.table_size * 8)
 
     def store(self) -> None:
@@ -402,6 +406,9 @@ class BitmapStore:
             bm.entry = e
 
     # ---- operations (the qmp block-dirty-bitmap-* commands' storage side) ------
+    def check_new(self, name: str, granularity: int) -> str | None:
+        return check_new(self.d, name, granularity)
+
     def add(self, name: str, granularity: int, enabled: bool) -> DirtyBitmap:
         bm = DirtyBitmap(self, name, granularity, enabled)
         self.bitmaps.append(bm)
