@@ -23,6 +23,12 @@ class RawDriver(Driver):
     ]
     supports_resize = True
 
+    @classmethod
+    def measure(cls, size: int | None, options: dict[str, Any], source: Any) -> dict[str, int]:
+        """raw_measure: the whole virtual size, allocated or not."""
+        required = source.size if source is not None else (size or 0) + 511 & ~511
+        return {"required": required, "fully-allocated": required}
+
     def do_open(self, options: dict[str, Any]) -> None:
         # block layer lengths are whole sectors: the tail reads as zeroes
         self.size = (self.file.size + 511) // 512 * 512

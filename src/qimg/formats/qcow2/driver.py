@@ -78,6 +78,12 @@ class Qcow2Driver(Driver):
 
         create_image(filename, size, options)
 
+    @classmethod
+    def measure(cls, size: int | None, options: dict[str, Any], source: Any) -> dict[str, int]:
+        from qimg.formats.qcow2.measure import measure
+
+        return measure(size, options, source)
+
     # ---- open ---------------------------------------------------------------------
     def do_open(self, options: dict[str, Any]) -> None:
         self._map: "ClusterMap | None" = None
@@ -212,6 +218,13 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2.check import check_image
 
         return check_image(self, repair)
+
+    def persistent_bitmaps_size(self, cluster_size: int) -> int | None:
+        from qimg.formats.qcow2.measure import persistent_bitmaps_size
+
+        if self.header.version < 3:
+            return None
+        return persistent_bitmaps_size(self.header, self.file, self.size, cluster_size)
 
     # ---- metadata access ---------------------------------------------------------
     @property
