@@ -146,3 +146,15 @@ def test_commit_qed(tmp_path: Path, args: list[str]) -> None:
         qemu_ok("create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed", "2M", cwd=d)
         io("top.qed", "qed", "write -P 2 512k 64k", "write -z 0 64k", "write -P 3 1536k 4k", cwd=d)
     _commit_case(tmp_path, args, build, files=("base.raw", "top.qed"))
+
+
+@needs_qemu
+@pytest.mark.parametrize("base", ["base.raw", "sub/base.raw", "mid.qcow2"])
+def test_commit_b_names_resolve_against_each_overlay(tmp_path: Path, base: str) -> None:
+    """-b is taken relative to each image's directory, as
+    bdrv_find_backing_image does ("sub/base.raw" from sub/ is not found)."""
+    def build(d: Path) -> None:
+        (d / "sub").mkdir()
+        make_chain(d / "sub")
+    files = tuple(f"sub/{n}" for n in CHAIN)
+    _commit_case(tmp_path, ["commit", "-b", base, "sub/top.qcow2"], build, files=files)
