@@ -92,7 +92,8 @@ def merge(img: Image, name: str, src_img: Image, src_name: str) -> None:
     src = _lookup(src_img, src_name)
     _check(src, allow_ro=True)
     if src_img.size != img.size:
-        raise QimgError("Bitmaps are incompatible and can't be merged")
+        raise QimgError(f"Bitmaps are of different sizes (destination size is {img.size}, "
+                        f"source size is {src_img.size}) and can't be merged")
     _check(dst)
     dst.merge_from(src)
 
