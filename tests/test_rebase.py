@@ -168,3 +168,36 @@ def _qed_chain(d: Path) -> None:
 ])
 def test_rebase_qed(tmp_path: Path, args: list[str]) -> None:
     _rebase_case(tmp_path, args, build=_qed_chain)
+
+
+def test_differing_runs_split_as_compare_buffers() -> None:
+    """The runs written are qemu-img's: compare_buffers() walks 512-byte
+    sectors (the last may be short) and cuts where differing turns equal."""
+    import os
+    import random
+
+    from qimg.ops.rebase import _differing_runs
+
+    def reference(a: bytes, b: bytes) -> list[tuple[int, int]]:
+        out, i, n = [], 0, len(a)
+        while i < n:
+            j = min(n, i + 512)
+            differs = a[i:j] != b[i:j]
+            k = j
+            while k < n and (a[k:min(n, k + 512)] != b[k:min(n, k + 512)]) == differs:
+                k = min(n, k + 512)
+            if differs:
+                out.append((i, k))
+            i = k
+        return out
+
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.choice([512 * rng.randint(1, 64), rng.randint(1, 40000)])
+        a = bytearray(os.urandom(n)) if rng.random() < 0.5 else bytearray(n)
+        b = bytearray(a)
+        for _ in range(rng.randint(0, 6)):
+            p, length = rng.randrange(n), rng.randint(1, 3000)
+            for q in range(p, min(n, p + length)):
+                b[q] ^= rng.randint(1, 255)
+        assert _differing_runs(bytes(a), bytes(b)) == reference(bytes(a), bytes(b))
