@@ -23,6 +23,12 @@ def _store(img: Image) -> Any | None:
     return drv.dirty_bitmaps() if drv.supports_bitmaps else None
 
 
+def persistent_supported(img: Image) -> bool:
+    """bdrv_supports_persistent_dirty_bitmap (qcow2: version 3 only)."""
+    store = _store(img)
+    return store is not None and store.supported
+
+
 def _lookup(img: Image, name: str) -> Any:
     store = _store(img)
     bm = store.find(name) if store is not None else None
@@ -119,19 +125,53 @@ def run(img: Image, name: str, actions: list[tuple[str, str | None]], granularit
             raise QimgError(f"Operation {act} on bitmap {name} failed: {e.message}") from None
 
 
-def copy_bitmaps(src: Image, dst: Image) -> None:
-    """``convert --bitmaps``: copy the source's persistent bitmaps (name,
-    granularity, enabled state, bits) into the new target, as qemu-img's
-    convert_copy_bitmaps does with add and merge."""
+class BitmapCopyError(QimgError):
+    """A convert --bitmaps failure; ``detail`` is a line qemu-img prints
+    after the message without the program name (error_printf)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def check_bitmaps(src: Image, skip_broken: bool) -> None:
+    """convert_check_bitmaps: before anything is created, the source must
+    have bitmap support and, unless skipped, no inconsistent bitmap."""
+    store = _store(src)
+    if store is None or not store.supported:
+        raise QimgError("Source lacks bitmap support")
+    if skip_broken:
+        return
+    for bm in store.bitmaps:
+        if bm.inconsistent:
+            raise BitmapCopyError(f"Cannot copy inconsistent bitmap '{bm.name}'",
+                                  "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it\n")
+
+
+def copy_bitmaps(src: Image, dst: Image, skip_broken: bool = False) -> None:
+    """convert_copy_bitmaps: copy the source's persistent bitmaps (name,
+    granularity, enabled state, bits) into the target with add and merge."""
     store = _store(src)
     if store is None:
         return
     for bm in list(store.bitmaps):
         if bm.inconsistent:
-            raise QimgError(f"Cannot copy inconsistent bitmap '{bm.name}'\n"
-                            "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it")
+            if skip_broken:
+                # the layering cost of a warning: qemu-img prints it here, mid-command
+                import sys
+
+                from qimg.cli.main import prog_name
+
+                sys.stderr.write(f"{prog_name()}: warning: Skipping inconsistent bitmap '{bm.name}'\n")
+                continue
         try:
             add(dst, bm.name, bm.granularity, disabled=not bm.enabled)
+        except QimgError as e:
+            raise QimgError(f"Failed to create bitmap {bm.name}: {e.message}") from None
+        try:
             merge(dst, bm.name, src, bm.name)
         except QimgError as e:
-            raise QimgError(e.message) from None
+            dst_bm = _store(dst).find(bm.name)
+            if dst_bm is not None:
+                _store(dst).remove(dst_bm)
+            raise QimgError(f"Failed to populate bitmap {bm.name}: {e.message}") from None

@@ -250,6 +250,10 @@ class BitmapStore:
         if writable and any(not b.inconsistent for b in self.bitmaps):
             self._mark_in_use()
 
+    @property
+    def supported(self) -> bool:
+        return self.d.header.version >= 3
+
     @staticmethod
     def zeros(n: int) -> "np.ndarray":
         import numpy as np
