@@ -163,7 +163,8 @@ def run(prog: str, argv: list[str]) -> int:
             operands[:-1], operands[-1], src_format=fmt, out_format=out_fmt or "raw", options=options,
             compressed=compressed, sparse_size=sparse_size, backing_file=backing, backing_format=backing_fmt,
             skip_create=skip_create, progress=meter.update if progress else None, snapshot=snapshot,
-            target_is_zero=target_is_zero, bitmaps=bitmaps, force_share=force_share,
+            target_is_zero=target_is_zero, bitmaps=bitmaps, skip_broken_bitmaps=skip_broken,
+            force_share=force_share,
             opener=open_source, target_opener=open_target,
         )
         meter.update(100)
@@ -172,6 +173,8 @@ def run(prog: str, argv: list[str]) -> int:
         from qimg.cli.main import error
 
         error(prog, e.message, e.hint)
+        if getattr(e, "detail", ""):
+            sys.stderr.write(e.detail)
         return e.code
     finally:
         meter.end()

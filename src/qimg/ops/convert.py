@@ -116,6 +116,7 @@ def convert(
     snapshot: str | None = None,
     target_is_zero: bool = False,
     bitmaps: bool = False,
+    skip_broken_bitmaps: bool = False,
     force_share: bool = False,
     opener: Opener | None = None,
     target_opener: Opener | None = None,
@@ -169,8 +170,9 @@ def convert(
         if bitmaps:
             if len(srcs) > 1:
                 raise QimgError("Copying bitmaps only possible with single source")
-            if not getattr(srcs[0].driver, "supports_bitmaps", False):
-                raise QimgError("Source lacks bitmap support")
+            from qimg.ops.bitmap import check_bitmaps
+
+            check_bitmaps(srcs[0], skip_broken_bitmaps)
 
         if drv is not None:
             size = values.pop("size")
@@ -184,7 +186,7 @@ def convert(
                     f"{target}: error while converting {out_format}: Could not create '{target}': {e.strerror}"
                 ) from None
         tgt = target_opener(target, out_format, read_only=False)
-        if bitmaps and not getattr(tgt.driver, "supports_bitmaps", False):
+        if bitmaps and not _bitmaps_supported(tgt):
             raise QimgError(f"Format driver '{tgt.format}' does not support bitmaps")
         if compressed and not tgt.driver.supports_compression:
             raise QimgError("Compression not supported for this file format")
@@ -208,6 +210,10 @@ def convert(
             # sources' end untouched as qemu-img does
             job.has_zero_init = True
         run(job)
+        if bitmaps:
+            from qimg.ops.bitmap import copy_bitmaps
+
+            copy_bitmaps(srcs[0], tgt, skip_broken_bitmaps)
         tgt.flush()
     except OSError as e:
         raise QimgError(f"error while converting: {e.strerror or e}") from None
@@ -216,6 +222,12 @@ def convert(
             tgt.close()
         for img in srcs:
             img.close()
+
+
+def _bitmaps_supported(img: Image) -> bool:
+    from qimg.ops.bitmap import persistent_supported
+
+    return persistent_supported(img)
 
 
 __all__ = ["convert", "check_sparse_size", "SPARSE_SIZE_ERROR"]
