@@ -27,6 +27,8 @@ class Driver:
     format_name: ClassVar[str] = ""
     #: ``-o`` options for create, in the order qemu-img lists them
     create_opts: ClassVar[list[OptionSpec]] = []
+    #: ``-o`` options ``amend`` accepts (None: the format cannot amend)
+    amend_opts: ClassVar[list[OptionSpec] | None] = None
     #: what the format can do
     supports_backing: ClassVar[bool] = False
     supports_create: ClassVar[bool] = True
@@ -174,6 +176,12 @@ class Driver:
 
     def check(self, repair: str | None = None) -> Any:
         raise UnsupportedError("This image format does not support checks")
+
+    def amend(self, options: dict[str, Any], progress: Any = None, force: bool = False) -> None:
+        """Change the image's options in place (``qemu-img amend``);
+        ``options`` hold typed values from amend_opts (only those given);
+        ``progress(done, total)`` reports work as amend_status_cb."""
+        raise UnsupportedError(f"Block driver '{self.format_name}' does not support option amendment")
 
     def persistent_bitmaps_size(self, cluster_size: int) -> int | None:
         """Bytes the persistent dirty bitmaps would need in a new qcow2 image
