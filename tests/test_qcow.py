@@ -159,7 +159,7 @@ def _header_cases(data: bytes) -> dict[str, bytes]:
         "crypt_method": patch(36, ">I", 2),
         "size_near_max": patch(24, ">Q", (1 << 64) - 100),
         "huge_size": patch(24, ">Q", 1 << 60),
-        "large_size": patch(24, ">Q", 1 << 40),
+        "large_size": patch(24, ">Q", 1 << 33),
         "backing_name_long": patch(16, ">I", 5000, patch(8, ">Q", 48)),
         "l1_past_eof": patch(40, ">Q", 1 << 40),
         "truncated": data[:30],

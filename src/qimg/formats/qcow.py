@@ -208,6 +208,13 @@ class QcowDriver(Driver):
         first = offset >> cb
         in_l2 = self.l2_size - (first & (self.l2_size - 1))
         count = min(in_l2, ((offset + length - 1) >> cb) - first + 1)
+        l1_index = first >> self.l2_bits
+        if not self._l1_entry(l1_index):
+            # no L2 table: the hole runs on to the next L1 entry in use
+            later = np.flatnonzero(self.l1[l1_index + 1:])
+            stop = (l1_index + 1 + int(later[0])) if len(later) else self.l1_size
+            run = min(offset + length, stop << (cb + self.l2_bits)) - offset
+            return Extent(offset, run, EOF if offset + run >= self.size else 0)
         e = self._entries(first, count)
         head = int(e[0])
         if head == 0:

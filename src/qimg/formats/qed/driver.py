@@ -192,8 +192,17 @@ class QedDriver(Driver):
         return FOUND, length, first
 
     def block_status(self, offset: int, length: int) -> Extent:
+        import numpy as np
+
         length = min(length, self.size - offset)
         kind, n, host = self.find(offset, length)
+        if kind == L1_HOLE:
+            # no L2 table: the hole runs on to the next L1 entry in use
+            l1 = self.tables.l1
+            index = offset >> self.l1_shift
+            later = np.flatnonzero(l1[index + 1:])
+            stop = index + 1 + int(later[0]) if len(later) else len(l1)
+            n = min(length, (stop << self.l1_shift) - offset)
         if kind == FOUND:
             flags = DATA | ALLOCATED | OFFSET_VALID
             host += offset & (self.cluster_size - 1)
