@@ -248,11 +248,18 @@ _SCHEMA_ORDER = (
 )
 
 
+#: the open option telling a driver no guest data will be read (BDRV_O_NO_IO)
+NO_IO_OPTION = "no_io"
+
+
 def _open_one(name: str, filename: str, fmt: str | None, options: dict[str, Any] | None) -> Any:
     from qimg.block.image import open_image
 
     try:
-        return open_image(filename, fmt, read_only=True, backing=False, options=options or None)
+        # info reads metadata only (QEMU's BDRV_O_NO_IO): an encrypted
+        # image opens without its key
+        return open_image(filename, fmt, read_only=True, backing=False,
+                          options={**(options or {}), NO_IO_OPTION: True})
     except QimgError as e:
         raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
 
