@@ -136,9 +136,10 @@ def test_aes_encrypted_is_recognised_and_refused(tmp_path):
     assert p.returncode == 0, p.stderr
     assert_same(["info", "e.qcow"], str(tmp_path))
     assert_same(["info", "--output=json", "e.qcow"], str(tmp_path))
-    mine = run_qimg("convert", "-O", "raw", "e.qcow", "e.raw", cwd=str(tmp_path))
-    assert mine.returncode == 1
-    assert mine.stderr.decode().endswith("Parameter 'encrypt.key-secret' is required for cipher\n")
+    for cmd in (["map", "e.qcow"], ["check", "e.qcow"], ["convert", "-O", "raw", "e.qcow", "e.raw"],
+                ["compare", "e.qcow", "e.qcow"]):
+        mine = assert_same(cmd, str(tmp_path))
+        assert b"Parameter 'encrypt.key-secret' is required for cipher" in mine.stderr
 
 
 def test_check_not_supported(tmp_path):

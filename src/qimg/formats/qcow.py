@@ -129,6 +129,9 @@ class QcowDriver(Driver):
         if crypt > QCOW_CRYPT_AES:
             raise QimgError("invalid encryption method in qcow header")
         self.encrypted = crypt == QCOW_CRYPT_AES
+        if self.encrypted and not options.get("no_io"):
+            # legacy AES-CBC: only metadata (info) can be had without a key
+            raise QimgError(KEY_REQUIRED)
         self.cluster_bits = cbits
         self.cluster_size = 1 << cbits
         self.l2_bits = l2bits
