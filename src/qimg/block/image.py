@@ -184,6 +184,40 @@ class Image:
         self.close()
 
 
+def parse_json_filename(name: str) -> tuple[str, str | None]:
+    """A ``json:{...}`` image name (as backing file fields may hold):
+    (file name, format driver or None).  Nested objects and dotted keys
+    are the same thing, as in QEMU's option flattening."""
+    import json
+
+    text = name[len("json:"):]
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        at_end = isinstance(e, json.JSONDecodeError) and e.pos >= len(text.rstrip())
+        reason = "premature EOI" if at_end else "invalid keyword"
+        raise QimgError(f"Could not parse the JSON options: JSON parse error, {reason}") from None
+    if not isinstance(obj, dict):
+        raise QimgError("Invalid JSON object given")
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", obj)
+    driver = flat.get("driver")
+    filename = flat.get("file.filename")
+    if driver == "file" or (driver is None and filename is None):
+        filename, driver = flat.get("filename"), None
+    if not isinstance(filename, str):
+        raise QimgError("The 'file' block driver requires a file name")
+    return filename, driver if isinstance(driver, str) else None
+
+
 def _file_id(file: File) -> tuple[int, int]:
     st = os.fstat(file.fd)
     return st.st_dev, st.st_ino
@@ -216,6 +250,9 @@ def open_image(
 
     ``backing=False`` opens the top image alone (qemu's BDRV_O_NO_BACKING).
     """
+    if filename.startswith("json:"):
+        filename, json_fmt = parse_json_filename(filename)
+        fmt = json_fmt or fmt
     file = File(filename, read_only=read_only)
     try:
         _check_loop(file, filename, read_only, _seen)
