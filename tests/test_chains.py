@@ -245,3 +245,15 @@ def test_no_traceback_on_hostile_backing_names(tmp_path: Path) -> None:
         mine, theirs = same(args, str(tmp_path))
         assert_same_output(mine, theirs)
     assert info_json("a.qcow2", tmp_path)["backing-filename"] == "nbd:localhost:1"
+
+
+@needs_qemu
+def test_json_backing_name(tmp_path: Path) -> None:
+    qemu_ok("create", "-q", "-f", "raw", "b.raw", "2M", cwd=tmp_path)
+    io("b.raw", "raw", "write -P 4 0 64k", cwd=tmp_path)
+    name = 'json:{"driver":"raw","file":{"driver":"file","filename":"b.raw"}}'
+    qemu_ok("create", "-q", "-f", "qcow2", "-b", name, "-F", "raw", "o.qcow2", cwd=tmp_path)
+    for args in (["info", "o.qcow2"], ["map", "o.qcow2"], ["info", name], ["compare", "o.qcow2", "b.raw"],
+                 ["info", 'json:{"driver":"raw",'], ["info", "json:[1]"]):
+        mine, theirs = same(args, str(tmp_path))
+        assert_same_output(mine, theirs)
