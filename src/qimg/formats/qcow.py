@@ -374,6 +374,10 @@ class QcowDriver(Driver):
         cs = self.cluster_size
         pos = 0
         while pos < len(data):
+            n = self._write_run(offset + pos, memoryview(data)[pos:])
+            if n:
+                pos += n
+                continue
             in_cluster = (offset + pos) & (cs - 1)
             n = min(cs - in_cluster, len(data) - pos)
             host = self._cluster_for_write(offset + pos, 1, 0, in_cluster, in_cluster + n)
@@ -381,6 +385,47 @@ class QcowDriver(Driver):
                 raise QimgError("Input/output error")
             self.file.pwrite(host + in_cluster, data[pos:pos + n])
             pos += n
+
+    def _write_run(self, offset: int, data: memoryview) -> int:
+        """Write a run of clusters of one existing L2 table in one go: all
+        unallocated (given consecutive clusters at the end of the file, as
+        QEMU's one-by-one allocation places them) or all data clusters
+        contiguous in the file.  Returns the bytes written (0: not such a run)."""
+        import numpy as np
+
+        cb, cs = self.cluster_bits, self.cluster_size
+        first = offset >> cb
+        l2_offset = self._l1_entry(first >> self.l2_bits)
+        if not l2_offset:
+            return 0
+        stop = min(((offset + len(data) - 1) >> cb) + 1, ((first >> self.l2_bits) + 1) << self.l2_bits)
+        if stop - first < 2:
+            return 0
+        table = self._l2(l2_offset)
+        if not table.flags.writeable:
+            table = table.copy()
+            self._l2_cache[l2_offset] = table
+        index = first & (self.l2_size - 1)
+        e = table[index:index + stop - first]
+        head = int(e[0])
+        if head & QCOW_OFLAG_COMPRESSED:
+            return 0
+        if head == 0:
+            same = e == 0
+        else:
+            same = e == np.uint64(head) + np.arange(len(e), dtype=np.uint64) * np.uint64(cs)
+        k = len(e) if same.all() else int(np.argmin(same))
+        in_cluster = offset & (cs - 1)
+        n = min(len(data), k * cs - in_cluster)
+        if head == 0:
+            head = -(-self._file_end() // cs) * cs
+            self.file.truncate(head + k * cs)
+            e[:k] = np.uint64(head) + np.arange(k, dtype=np.uint64) * np.uint64(cs)
+            self.file.pwrite(l2_offset + index * 8, e[:k].astype(">u8").tobytes())
+        elif head & 511:
+            raise QimgError("Input/output error")
+        self.file.pwrite(head + in_cluster, data[:n])
+        return n
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         # qcow has no zero clusters: zeroes are written as data, in pieces
