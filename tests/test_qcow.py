@@ -176,3 +176,16 @@ def test_hostile_headers(tmp_path, case):
     for cmd in (["info", "-f", "qcow"], ["info"], ["map", "-f", "qcow", "--output=json"]):
         mine = assert_same([*cmd, "h.qcow"], str(tmp_path))
         assert b"Traceback" not in mine.stderr
+
+
+def test_convert_with_backing_byte_identical(tmp_path):
+    """convert -B: only what differs from the backing file is written, and
+    the target's copy-on-write reads the backing file as qemu-img does."""
+    _bases(tmp_path)
+    run_qemu("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", cwd=str(tmp_path))
+    run_qemu_io("-c", "write -P 0x61 1000 70000", "-c", "write -z 3M 100k", str(tmp_path / "top.qcow2"))
+    args = ["-O", "qcow", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"]
+    assert run_qimg("convert", *args, "m.qcow", cwd=str(tmp_path)).returncode == 0
+    assert run_qemu("convert", *args, "q.qcow", cwd=str(tmp_path)).returncode == 0
+    assert (tmp_path / "m.qcow").read_bytes() == (tmp_path / "q.qcow").read_bytes()
+    assert run_qemu("compare", "top.qcow2", "m.qcow", cwd=str(tmp_path)).returncode == 0

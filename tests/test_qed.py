@@ -251,3 +251,16 @@ def test_probe_and_chain_through_overlay(tmp_path):
     _all_views_same(tmp_path, "top.qed")
     assert_same(["info", "--backing-chain", "--output=json", "top.qed"], str(tmp_path))
     assert_same(["compare", "top.qed", "base.raw"], str(tmp_path))
+
+
+def test_convert_with_backing_byte_identical(tmp_path):
+    """convert -B: only what differs from the backing file is written, and
+    the target's copy-on-write reads the backing file as qemu-img does."""
+    _bases(tmp_path)
+    run_qemu("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", cwd=str(tmp_path))
+    run_qemu_io("-c", "write -P 0x61 1000 70000", "-c", "write -z 3M 100k", str(tmp_path / "top.qcow2"))
+    args = ["-O", "qed", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"]
+    assert run_qimg("convert", *args, "m.qed", cwd=str(tmp_path)).returncode == 0
+    assert run_qemu("convert", *args, "q.qed", cwd=str(tmp_path)).returncode == 0
+    assert (tmp_path / "m.qed").read_bytes() == (tmp_path / "q.qed").read_bytes()
+    assert run_qemu("compare", "top.qcow2", "m.qed", cwd=str(tmp_path)).returncode == 0
