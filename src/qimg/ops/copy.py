@@ -14,6 +14,7 @@ and the sparse layout of the output byte-identical to qemu-img's.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,8 +39,12 @@ BLK_ZERO = "zero"
 BLK_DATA = "data"
 BLK_BACKING_FILE = "backing"
 
+#: seconds a thread computes before one waiting for the GIL takes over
+SWITCH_INTERVAL = 0.001
 #: reads kept in flight ahead of the writer
-READ_AHEAD = 4
+READ_AHEAD = 3
+#: plain data lying in a row in the source file is read this much at a time
+BATCH_BYTES = 8 << 20
 WORKERS = max(2, min(4, os.cpu_count() or 1))
 
 
@@ -259,7 +264,10 @@ class _BufferPool:
         if not isinstance(view, memoryview):
             return
         buf = view.obj
-        view.release()
+        try:
+            view.release()
+        except BufferError:
+            pass
         if isinstance(buf, bytearray) and len(buf) == self.size:
             with self._lock:
                 if len(self._free) < self.keep:
@@ -274,68 +282,244 @@ def run(job: CopyJob) -> None:
     if job.progress is not None:
         chunks = list(chunks)
         total_alloc = sum(c.sectors for c in chunks if _counts(job, c))
-    done = 0
     compressor = _compressor(job) if job.compressed else None
     # A raw target has no allocation order to keep: workers write to it
     # directly.  Other formats get their writes from this thread, in order.
     direct = job.target.format == "raw" and compressor is None
     # compressed chunks are single clusters: keep many in flight
     ahead = READ_AHEAD * 8 if compressor is not None else READ_AHEAD
-    bufs = None if compressor is not None else _BufferPool(job.buf_sectors * SECTOR, ahead + WORKERS + 1)
+    bufs = None if compressor is not None else _BufferPool(max(BATCH_BYTES, job.buf_sectors * SECTOR),
+                                                           ahead + WORKERS + 2)
+    writer = None
+    # Threads waiting for the GIL after their I/O returns (the writer
+    # above all) would otherwise wait out the default 5 ms switch interval
+    # whenever another thread computes.
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    if job.target.format == "qcow2" and compressor is None:
+        # qcow2 allocates in this thread, in guest order; the data itself
+        # goes to the file from a writer thread, in the same order.
+        writer = _SerialWriter(job.target.driver.file)
+        writer.attach(job.target.driver)
+    try:
+        _copy_loop(job, chunks, locks, compressor, direct, ahead, bufs, writer, total_alloc)
+    finally:
+        if writer is not None:
+            writer.detach(job.target.driver)
+        sys.setswitchinterval(old_interval)
+    if compressor is not None:
+        _align_file_end(job.target)
+
+
+#: data writes queued to the writer thread before the allocating thread waits
+WRITE_DEPTH = 16
+#: most queued writes one pwritev takes
+WRITE_BATCH = 64
+
+
+class _SerialWriter:
+    """One thread that does a target's data pwrites in the order they are
+    handed over, so that the allocating thread can go on with the next
+    request's metadata meanwhile (the kernel serialises writes to one file
+    anyway).  A failed write is reported, with the guest sector of the
+    request it belonged to, at the next hand-over or drain."""
+
+    def __init__(self, file) -> None:
+        import queue
+
+        self.file = file
+        self.sector = 0
+        self.error: tuple[OSError, int] | None = None
+        self._q: "queue.Queue" = queue.Queue(WRITE_DEPTH)
+        self._thread = threading.Thread(target=self._loop, name="qimg-writer", daemon=True)
+        self._thread.start()
+
+    def attach(self, driver) -> None:
+        from qimg.formats.qcow2 import io as qio
+
+        qio.defer_data_writes(driver, self.pwrite, self.drain)
+
+    def detach(self, driver) -> None:
+        from qimg.formats.qcow2 import io as qio
+
+        self._q.put(None)
+        self._thread.join()
+        qio.defer_data_writes(driver, None)
+
+    def _loop(self) -> None:
+        import queue
+
+        q = self._q
+        while True:
+            items = [q.get()]
+            # Take whatever else is queued: writes that continue each other
+            # in the file go out in one pwritev.
+            while len(items) < WRITE_BATCH:
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            run_host, run_bufs, run_len, run_sector = 0, [], 0, 0
+            for item in items:
+                if item is not None and item[0] is None and run_bufs and item[1] == run_host + run_len:
+                    run_bufs.append(item[2][0])
+                    run_len += len(item[2][0])
+                    continue
+                if run_bufs:
+                    self._write(run_host, run_bufs, run_sector)
+                    run_bufs = []
+                if item is None:
+                    return
+                fn, a, b = item
+                if fn is not None:
+                    fn(a)
+                else:
+                    run_host, run_bufs, run_len, run_sector = a, [b[0]], len(b[0]), b[1]
+            if run_bufs:
+                self._write(run_host, run_bufs, run_sector)
+
+    def _write(self, host: int, bufs: list, sector: int) -> None:
+        if self.error is None:
+            try:
+                self.file.pwritev(host, bufs)
+            except OSError as e:
+                self.error = (e, sector)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            e, sector = self.error
+            raise QimgError(f"error while writing at byte {sector * SECTOR}: {e.strerror}")
+
+    def pwrite(self, host: int, buf) -> None:
+        self._check()
+        self._q.put((None, host, (memoryview(buf).cast("B"), self.sector)))
+
+    def call(self, fn: Callable, arg) -> None:
+        """Run ``fn(arg)`` in the writer thread after the writes before it."""
+        self._q.put((fn, arg, None))
+
+    def drain(self) -> None:
+        done = threading.Event()
+        self._q.put((lambda ev: ev.set(), done, None))
+        done.wait()
+        self._check()
+
+
+def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahead: int,
+               bufs: "_BufferPool | None", writer: "_SerialWriter | None", total_alloc: int) -> None:
+    done = 0
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        pending: deque[tuple[Chunk, Future | None]] = deque()
+        pending: deque[tuple[list[Chunk], Future | None]] = deque()
         it = iter(chunks)
+        carry: Chunk | None = None
         exhausted = False
         while True:
             while not exhausted and len(pending) < ahead:
-                chunk = next(it, None)
+                chunk = carry if carry is not None else next(it, None)
+                carry = None
                 if chunk is None:
                     exhausted = True
                     break
+                group = [chunk]
                 fut = None
                 if chunk.status == BLK_DATA:
                     if compressor is not None:
                         fut = compressor.submit(pool, pool.submit(_read_chunk, job, chunk, locks))
                     else:
-                        fut = pool.submit(_produce, job, chunk, locks, direct, bufs)
+                        if chunk.host is not None and bufs is not None:
+                            carry, exhausted = _extend_group(group, it, bufs.size)
+                        fut = pool.submit(_produce, job, group, locks, direct, bufs)
                 elif direct:
                     fut = pool.submit(_write_chunk, job, chunk, None, None)
-                pending.append((chunk, fut))
+                pending.append((group, fut))
             if not pending:
                 break
-            chunk, fut = pending.popleft()
+            group, fut = pending.popleft()
             result = fut.result() if fut is not None else None
-            if job.progress is not None and _counts(job, chunk):
-                done += chunk.sectors
-                job.progress(100.0 * done / total_alloc)
-            if compressor is not None:
-                _write_chunk(job, chunk, result, compressor)
-            elif not direct:
-                _write_chunk(job, chunk, result, None)
-                if result is not None and bufs is not None:
-                    bufs.put(result[0])
-    if compressor is not None:
-        _align_file_end(job.target)
+            if direct or compressor is not None:
+                for chunk in group:
+                    if job.progress is not None and _counts(job, chunk):
+                        done += chunk.sectors
+                        job.progress(100.0 * done / total_alloc)
+                if compressor is not None:
+                    _write_chunk(job, group[0], result, compressor)
+                continue
+            buf, parts = result if result is not None else (None, [None])
+            for chunk, part in zip(group, parts):
+                if job.progress is not None and _counts(job, chunk):
+                    done += chunk.sectors
+                    job.progress(100.0 * done / total_alloc)
+                if writer is not None:
+                    writer.sector = chunk.sector
+                _write_chunk(job, chunk, part, None)
+            if buf is not None and bufs is not None:
+                if writer is not None:
+                    # the buffer is free once the writes before this are done
+                    writer.call(bufs.put, buf)
+                else:
+                    bufs.put(buf)
+        if writer is not None:
+            writer.drain()
 
 
-def _produce(job: CopyJob, chunk: Chunk, locks: list, direct: bool,
-             bufs: "_BufferPool | None" = None) -> tuple[bytes | bytearray, list] | None:
-    """Worker: read a data chunk and find its zero runs while the buffer is
-    still in the CPU cache; with ``direct`` also write it out."""
-    data = _read_chunk(job, chunk, locks, bufs)
-    if job.min_sparse:
-        runs = classify(data, chunk.sector, job.min_sparse, job.alignment)
+def _extend_group(group: list[Chunk], it: Iterator[Chunk], limit: int) -> tuple["Chunk | None", bool]:
+    """Append to ``group`` the chunks that follow it in the source file, up
+    to ``limit`` bytes in all, so one worker reads them in one go (fewer
+    hand-overs between threads; each chunk is still classified and written
+    on its own, exactly as qemu-img's requests).  Returns the chunk that
+    did not fit (None at the end of the plan) and whether the plan ended."""
+    size = group[0].sectors * SECTOR
+    while True:
+        nxt = next(it, None)
+        if nxt is None:
+            return None, True
+        last = group[-1]
+        nbytes = nxt.sectors * SECTOR
+        if (nxt.status != BLK_DATA or nxt.host is None or nxt.src != last.src
+                or nxt.host != last.host + last.sectors * SECTOR or size + nbytes > limit):
+            return nxt, False
+        group.append(nxt)
+        size += nbytes
+
+
+def _produce(job: CopyJob, group: list[Chunk], locks: list, direct: bool,
+             bufs: "_BufferPool | None" = None):
+    """Worker: read a group of data chunks (one read when they lie in a row
+    in the source file) and find each one's zero runs while the buffer is
+    still in the CPU cache; with ``direct`` also write them out.  Returns
+    (buffer to give back to the pool or None, [(data, runs) per chunk])."""
+    if len(group) == 1:
+        data = _read_chunk(job, group[0], locks, bufs)
+        buf, views = data, [data]
     else:
-        runs = [(0, chunk.sectors, True)]
-    if direct:
+        total = sum(c.sectors for c in group) * SECTOR
+        buf = bufs.get(total) if bufs is not None else bytearray(total)
         try:
-            _write_runs(job, chunk, data, runs)
+            job.sources[group[0].src].driver.data_node.preadinto(group[0].host, memoryview(buf))
         except OSError as e:
-            raise QimgError(f"error while writing at byte {chunk.sector * SECTOR}: {e.strerror}") from None
+            raise QimgError(f"error while reading at byte {group[0].sector * SECTOR}: {e.strerror}") from None
+        mv = memoryview(buf)
+        views, pos = [], 0
+        for c in group:
+            views.append(mv[pos:pos + c.sectors * SECTOR])
+            pos += c.sectors * SECTOR
+    parts = []
+    for chunk, data in zip(group, views):
+        if job.min_sparse:
+            runs = classify(data, chunk.sector, job.min_sparse, job.alignment)
+        else:
+            runs = [(0, chunk.sectors, True)]
+        parts.append((data, runs))
+    if direct:
+        for chunk, part in zip(group, parts):
+            try:
+                _write_runs(job, chunk, part[0], part[1])
+            except OSError as e:
+                raise QimgError(f"error while writing at byte {chunk.sector * SECTOR}: {e.strerror}") from None
         if bufs is not None:
-            bufs.put(data)
+            bufs.put(buf)
         return None
-    return data, runs
+    return buf, parts
 
 
 def _align_file_end(target: Image) -> None:

@@ -102,6 +102,22 @@ class File:
             offset += n
             view = view[n:]
 
+    def pwritev(self, offset: int, buffers: list) -> None:
+        """Write ``buffers`` one after the other from ``offset`` in one
+        system call (when the kernel takes it all)."""
+        if len(buffers) == 1:
+            self.pwrite(offset, buffers[0])
+            return
+        n = os.pwritev(self.fd, buffers, offset)
+        for buf in buffers:
+            size = len(memoryview(buf).cast("B")) if not isinstance(buf, (bytes, bytearray)) else len(buf)
+            if n < size:
+                self.pwrite(offset + n, memoryview(buf).cast("B")[n:])
+                n = 0
+            else:
+                n -= size
+            offset += size
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a range: punch a hole if the host allows, else write zeroes."""
         if length <= 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_left
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -27,8 +27,35 @@ if TYPE_CHECKING:
 _U64 = np.uint64
 
 
+# ---- deferred data writes ----------------------------------------------------
+def defer_data_writes(d: "Qcow2Driver", pwrite: "Callable[[int, object], None] | None",
+                      drain: "Callable[[], None] | None" = None) -> None:
+    """Hand the guest-data pwrites of ``write`` to ``pwrite(host, buffer)``
+    (a copy engine's writer thread, which must keep their order) while this
+    thread goes on with the next request's metadata; ``drain()`` must
+    return only once every handed-over write is in the file, and is called
+    before anything here reads data clusters back or changes the file
+    otherwise.  ``pwrite=None`` restores direct writes."""
+    d._deferred = None if pwrite is None else (pwrite, drain)
+
+
+def _data_pwrite(d: "Qcow2Driver", host: int, buf) -> None:
+    deferred = getattr(d, "_deferred", None)
+    if deferred is None:
+        d.file.pwrite(host, buf)
+    else:
+        deferred[0](host, buf)
+
+
+def _drain(d: "Qcow2Driver") -> None:
+    deferred = getattr(d, "_deferred", None)
+    if deferred is not None and deferred[1] is not None:
+        deferred[1]()
+
+
 # ---- reading -------------------------------------------------------------------
 def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
+    _drain(d)
     length = max(0, min(length, d.size - offset))
     out = bytearray(length)
     view = memoryview(out)
@@ -58,6 +85,7 @@ def _decompressed(d: "Qcow2Driver", entry: int) -> bytes:
     host, size = Z.parse_descriptor(entry, d.cluster_bits)
     if d._zcache is not None and d._zcache[0] == host:
         return d._zcache[1]
+    _drain(d)
     data = Z.decompress_cluster(d.file.pread(host, size), d.cluster_size, d.header.compression_type)
     d._zcache = (host, data)
     return data
@@ -69,6 +97,7 @@ def _cluster_content(d: "Qcow2Driver", ci: int) -> bytearray:
     cs = d.cluster_size
     kind, _, first = d.map.run(ci, 1)
     if kind == NORMAL:
+        _drain(d)
         return bytearray(d.file.pread(first & L2E_OFFSET_MASK, cs))
     if kind == COMPRESSED:
         return bytearray(_decompressed(d, first))
@@ -232,12 +261,12 @@ def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
                 # The rest of the edge clusters must read as zeroes after.
                 run_end = min(d.size, (ci + n) << cb)
                 if pos & (cs - 1):
-                    d.file.pwrite(base, bytes(pos & (cs - 1)))
+                    _data_pwrite(d, base, bytes(pos & (cs - 1)))
                 if seg_end < run_end and seg_end & (cs - 1):
                     tail_end = min(((seg_end >> cb) + 1) << cb, (ci + n) << cb)
-                    d.file.pwrite(base + seg_end - (ci << cb), bytes(tail_end - seg_end))
+                    _data_pwrite(d, base + seg_end - (ci << cb), bytes(tail_end - seg_end))
             check_overlap(d, host, seg_end - pos)
-            d.file.pwrite(host, data[pos - offset:seg_end - offset])
+            _data_pwrite(d, host, data[pos - offset:seg_end - offset])
             d._zcache = None
             if kind == ZERO_ALLOC:
                 tab = _ensure_l2(d, ci >> l2_bits)
@@ -271,21 +300,21 @@ def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) 
             buf = first if first is not None else last
             assert buf is not None
             buf[head:head + len(data)] = data
-            d.file.pwrite(host, buf)
+            _data_pwrite(d, host, buf)
         else:
             mid_start = cs if head else 0
             mid_end = (n - 1) << cb if tail else n << cb
             if first is not None:
                 first[head:] = data[:cs - head]
-                d.file.pwrite(host, first)
+                _data_pwrite(d, host, first)
             if mid_end > mid_start:
-                d.file.pwrite(host + mid_start, data[mid_start - head:mid_end - head])
+                _data_pwrite(d, host + mid_start, data[mid_start - head:mid_end - head])
             if last is not None:
                 keep = cs - tail
                 last[:keep] = data[len(data) - keep:]
-                d.file.pwrite(host + ((n - 1) << cb), last)
+                _data_pwrite(d, host + ((n - 1) << cb), last)
     else:
-        d.file.pwrite(host, data)
+        _data_pwrite(d, host, data)
     i = ci & ((1 << (cb - 3)) - 1)
     old = tab[i:i + n].copy()
     tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
@@ -304,6 +333,7 @@ def write_compressed_raw(d: "Qcow2Driver", offset: int, comp: bytes) -> None:
     # Compression cannot overwrite anything (qcow2_alloc_compressed_cluster_offset).
     if int(tab[i]) & L2E_OFFSET_MASK:
         raise QimgError("Input/output error")
+    _drain(d)
     host = _alloc_bytes(d, len(comp))
     check_overlap(d, host, len(comp))
     d.file.pwrite(host, comp)
@@ -500,6 +530,7 @@ def grow_l1(d: "Qcow2Driver", new_size: int) -> None:
 def truncate(d: "Qcow2Driver", size: int, prealloc: str, shrink: bool) -> None:
     from qimg.formats.qcow2.driver import size_to_l1
 
+    _drain(d)
     if size % 512:
         raise QimgError("The new size must be a multiple of 512")
     if size < d.size:
@@ -658,6 +689,7 @@ def _punch_free(d: "Qcow2Driver", ranges: list[tuple[int, int]]) -> None:
     one hole per contiguous run."""
     if not ranges:
         return
+    _drain(d)
     cb = d.cluster_bits
     refs = d.refs
     parts = [np.arange(off >> cb, ((off + n - 1) >> cb) + 1, dtype=np.int64) for off, n in ranges]
