@@ -264,3 +264,20 @@ def test_convert_with_backing_byte_identical(tmp_path):
     assert run_qemu("convert", *args, "q.qed", cwd=str(tmp_path)).returncode == 0
     assert (tmp_path / "m.qed").read_bytes() == (tmp_path / "q.qed").read_bytes()
     assert run_qemu("compare", "top.qcow2", "m.qed", cwd=str(tmp_path)).returncode == 0
+
+
+def test_zero_write_over_data_clusters(tmp_path):
+    """Zero writes over allocated clusters write zeroes in place; unaligned
+    edges are written as data, as QEMU's block layer splits them."""
+    _create(tmp_path, "a.qed", "8M")
+    run_qemu_io("-c", "write -P 1 0 4M", str(tmp_path / "a.qed"))
+    shutil.copy(tmp_path / "a.qed", tmp_path / "b.qed")
+    run_qemu_io("-c", "write -z 64k 3M", "-c", "write -z 100 5000", "-c", "write -z 5M 1M",
+                str(tmp_path / "a.qed"))
+    img = open_image(str(tmp_path / "b.qed"), "qed", read_only=False)
+    img.write_zeroes(65536, 3 << 20)
+    img.write_zeroes(100, 5000)
+    img.write_zeroes(5 << 20, 1 << 20)
+    img.close()
+    assert (tmp_path / "a.qed").read_bytes() == (tmp_path / "b.qed").read_bytes()
+    assert_same(["map", "--output=json", "b.qed"], str(tmp_path))

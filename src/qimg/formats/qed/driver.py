@@ -287,7 +287,13 @@ class QedDriver(Driver):
             kind, n, host = self.find(pos, end - pos)
             chunk = None if data is None else data[done:done + n]
             if kind == FOUND:
-                self.file.pwrite(host + (pos & (self.cluster_size - 1)), chunk if chunk is not None else bytes(n))
+                at = host + (pos & (self.cluster_size - 1))
+                if chunk is not None:
+                    self.file.pwrite(at, chunk)
+                else:
+                    # a zero write over data clusters writes zeroes in place
+                    for k in range(0, n, ZERO_CHUNK):
+                        self.file.pwrite(at + k, bytes(min(ZERO_CHUNK, n - k)))
             else:
                 self._write_alloc(kind, pos, n, chunk)
             pos += n
