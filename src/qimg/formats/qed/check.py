@@ -76,16 +76,22 @@ class _Checker:
         self.set_used_range(h.l1_table_offset, h.table_size)
         last_error = 0
         invalid_l1 = 0
-        for i in np.flatnonzero(t.l1):
+        used = np.flatnonzero(t.l1)
+        # invalid table offsets, found for the whole L1 table at once
+        offs = t.l1[used]
+        cs = np.uint64(h.cluster_size)
+        ends = offs + np.uint64((h.table_size - 1) * h.cluster_size)
+        ok = (ends > offs) & ((offs & (cs - np.uint64(1))) == 0) \
+            & (offs >= np.uint64(h.header_size * h.cluster_size)) & (ends < np.uint64(drv.file_size))
+        invalid_l1 = len(used) - int(np.count_nonzero(ok))
+        if invalid_l1:
+            if self.fix:
+                t.l1[used[~ok]] = 0
+                self.result.corruptions_fixed += invalid_l1
+            else:
+                self.result.corruptions += invalid_l1
+        for i in used[ok]:
             offset = int(t.l1[i])
-            if not drv.check_table_offset(offset):
-                if self.fix:
-                    t.l1[i] = 0
-                    self.result.corruptions_fixed += 1
-                else:
-                    self.result.corruptions += 1
-                invalid_l1 += 1
-                continue
             if not self.set_used_range(offset, h.table_size):
                 continue  # a table that overlaps others is not trusted
             try:
