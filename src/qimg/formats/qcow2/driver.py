@@ -64,6 +64,7 @@ class Qcow2Driver(Driver):
     supports_compression = True
     supports_check = True
     supports_snapshots = True
+    supports_bitmaps = True
 
     # ---- probing, creation ------------------------------------------------------
     @classmethod
@@ -110,6 +111,7 @@ class Qcow2Driver(Driver):
         # where the check itself reports a damaged table.
         if not options.get("check"):
             _ = self.snapshots
+        self._open_bitmaps()
 
     def _read_header(self) -> H.QCowHeader:
         buf = self.file.pread(0, 4096)
@@ -188,6 +190,28 @@ class Qcow2Driver(Driver):
         self.drop_caches()
         self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
 
+    # ---- persistent dirty bitmaps (bitmap.py) -------------------------------------
+    def _open_bitmaps(self) -> None:
+        from qimg.formats.qcow2 import bitmap
+
+        bitmap.validate_ext(self.header)
+        self._bitmaps: "bitmap.BitmapStore | None" = None
+        # QEMU checks the bitmaps on every open, loads them on a read-write
+        # open and flags them in use before any write; read-only users load
+        # them on demand.
+        self._bitmaps = bitmap.open_store(self)
+
+    def dirty_bitmaps(self) -> Any:
+        if self._bitmaps is None:
+            from qimg.formats.qcow2.bitmap import BitmapStore
+
+            self._bitmaps = BitmapStore(self)
+        return self._bitmaps
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        if self._bitmaps is not None:
+            self._bitmaps.mark(offset, length)
+
     # ---- attributes ------------------------------------------------------------
     @property
     def backing_filename(self) -> str | None:
@@ -209,6 +233,12 @@ class Qcow2Driver(Driver):
         if h.version >= 3:
             data["corrupt"] = bool(h.incompatible_features & H.INCOMPAT_CORRUPT)
             data["extended-l2"] = h.extended_l2
+            if h.bitmaps_ext is not None:
+                from qimg.formats.qcow2.bitmap import info_list
+
+                bitmaps = info_list(self)
+                if bitmaps:
+                    data["bitmaps"] = bitmaps
         return {"type": "qcow2", "data": data}
 
     def dirty_flag(self) -> bool:
@@ -345,18 +375,21 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2 import io
 
         self._writable()
+        self._mark_dirty(offset, len(data))
         io.write(self, offset, memoryview(data).cast("B"))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         from qimg.formats.qcow2 import io
 
         self._writable()
+        self._mark_dirty(offset, length)
         io.write_zeroes(self, offset, length, unmap)
 
     def discard(self, offset: int, length: int) -> None:
         from qimg.formats.qcow2 import io
 
         self._writable()
+        self._mark_dirty(offset, length)
         io.discard(self, offset, length)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
@@ -378,6 +411,7 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2 import io
 
         self._writable()
+        self._mark_dirty(offset, self.cluster_size)
         io.write_compressed_raw(self, offset, compressed)
 
     def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
@@ -386,8 +420,12 @@ class Qcow2Driver(Driver):
         if size_to_l1(size, self.cluster_bits) > QCOW_MAX_L1_SIZE // 8:
             # qcow2_grow_l1_table's -EFBIG, before anything is written
             raise QimgError("Failed to grow the L1 table: File too large")
+        if self._bitmaps is not None:
+            self._bitmaps.prepare_resize()
         self._writable()
         io.truncate(self, size, prealloc, shrink)
+        if self._bitmaps is not None:
+            self._bitmaps.finish_resize()
 
     def flush_metadata(self) -> None:
         """Write cached refcounts, L2 tables and L1 entries, in that order."""
@@ -403,6 +441,9 @@ class Qcow2Driver(Driver):
         self.file.flush()
 
     def close(self) -> None:
+        if self._bitmaps is not None and not self.read_only:
+            store, self._bitmaps = self._bitmaps, None
+            store.store()
         if self._modified and not self.read_only:
             self.flush_metadata()
             if self._set_dirty:
