@@ -145,6 +145,26 @@ def load_directory(d: "Qcow2Driver") -> list[DirEntry]:
     return out
 
 
+def validate_on_open(d: "Qcow2Driver") -> None:
+    """What qcow2_load_dirty_bitmaps refuses on every open (info included):
+    a bad directory, and for bitmaps not IN_USE a bad table or one of the
+    wrong size.  Plain struct: tables are short (a cluster of bits covers
+    cluster_size * 8 granules)."""
+    cs = d.cluster_size
+    for e in load_directory(d):
+        if e.flags & FLAG_IN_USE:
+            continue
+        raw = d.file.pread(e.table_offset, e.table_size * 8).ljust(e.table_size * 8, b"\0")
+        for entry in struct.unpack(">%dQ" % e.table_size, raw):
+            off = entry & TABLE_OFFSET_MASK
+            if entry & TABLE_RESERVED_MASK or (off and (entry & TABLE_ALL_ONES or off % cs)):
+                raise QimgError(f"Could not read bitmap_table table from image for bitmap '{e.name}': "
+                                "Invalid argument")
+        nbits = -(-d.size // (1 << e.granularity_bits))
+        if -(-nbits // (cs * 8)) != e.table_size:
+            raise QimgError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
+
+
 def info_list(d: "Qcow2Driver") -> list[dict[str, Any]] | None:
     """``info``'s "bitmaps" list (qcow2_get_bitmap_info_list), or None."""
     entries = load_directory(d)
@@ -450,10 +470,12 @@ class BitmapStore:
 
 
 def open_store(d: "Qcow2Driver") -> BitmapStore | None:
-    """The bitmaps of an image that has any, else None."""
+    """Check the bitmaps as QEMU does on open; on a read-write open, load
+    them (flagging them in use).  None when there are none or read-only."""
     if _ext(d)[0] == 0:
         return None
-    return BitmapStore(d)
+    validate_on_open(d)
+    return None if d.read_only else BitmapStore(d)
 
 
 def inconsistent_error(name: str) -> QimgError:
