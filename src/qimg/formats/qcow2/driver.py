@@ -28,6 +28,7 @@ from qimg.block.driver import Driver
 from qimg.block.status import ALLOCATED, COMPRESSED as S_COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
 from qimg.errors import QimgError, UnsupportedError
 from qimg.formats.qcow2 import header as H
+from qimg.formats.qcow2.amend import AMEND_OPTS
 from qimg.formats.qcow2.create import CREATE_OPTS
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def size_to_l1(size: int, cluster_bits: int) -> int:
 class Qcow2Driver(Driver):
     format_name = "qcow2"
     create_opts = CREATE_OPTS
+    amend_opts = AMEND_OPTS
     supports_backing = True
     supports_resize = True
     supports_compression = True
@@ -84,6 +86,13 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2.measure import measure
 
         return measure(size, options, source)
+
+    def amend(self, options: dict[str, Any], progress: Any = None, force: bool = False) -> None:
+        from qimg.formats.qcow2.amend import amend
+
+        if self.read_only:
+            raise QimgError("Image is read-only")
+        amend(self, options, progress, force)
 
     # ---- open ---------------------------------------------------------------------
     def do_open(self, options: dict[str, Any]) -> None:
@@ -417,6 +426,8 @@ class Qcow2Driver(Driver):
     def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
         from qimg.formats.qcow2 import io
 
+        if size % 512 == 0 and self.header.version < 3 and self.header.nb_snapshots:
+            raise UnsupportedError("Can't resize a v2 image which has snapshots")
         if size_to_l1(size, self.cluster_bits) > QCOW_MAX_L1_SIZE // 8:
             # qcow2_grow_l1_table's -EFBIG, before anything is written
             raise QimgError("Failed to grow the L1 table: File too large")
