@@ -1,0 +1,93 @@
+"""``qemu-img amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt]
+[-t cache] [--force] -o options filename`` (img_amend's checks and order)."""
+
+from __future__ import annotations
+
+import sys
+
+from qimg.block.options import split_options
+from qimg.cli import args
+from qimg.cli.common import add_object, open_image
+from qimg.errors import QimgError
+from qimg.ops import amend as ops_amend
+from qimg.ops.progress import Progress
+
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def _has_help(options: str) -> bool:
+    return any(k in ("help", "?") and v is None for k, v in split_options(options))
+
+
+def run(prog: str, argv: list[str]) -> int:
+    opts, operands = args.parse(argv, "ho:f:t:pq", ["help", "object=", "image-opts", "force"])
+    fmt: str | None = None
+    cache = "writeback"
+    options: str | None = None
+    progress = quiet = use_image_opts = force = False
+    for opt, val in opts:
+        if opt in ("-h", "--help"):
+            from qimg.cli import usage
+
+            sys.stdout.write(usage.help_text(prog))
+            return 0
+        if opt == "-o":
+            options = val if options is None else f"{options},{val}"
+        elif opt == "-f":
+            fmt = val
+        elif opt == "-t":
+            cache = val
+        elif opt == "-p":
+            progress = True
+        elif opt == "-q":
+            quiet = True
+        elif opt == "--object":
+            add_object(val)
+        elif opt == "--image-opts":
+            use_image_opts = True
+        elif opt == "--force":
+            force = True
+    if options is None:
+        raise QimgError("Must specify options (-o)", hint=True)
+    if quiet:
+        progress = False
+    meter = Progress(progress, 1.0)
+    try:
+        return _amend(prog, fmt, cache, options, operands, use_image_opts, force, meter)
+    except QimgError as e:
+        if e.hint:
+            raise
+        # error_report_err: the lines after the first are hints, printed
+        # without the program name
+        meter.end()
+        meter.enabled = False
+        first, _, hints = e.message.partition("\n")
+        sys.stderr.write(f"{prog}: {first}\n" + (f"{hints}\n" if hints else ""))
+        return e.code
+    finally:
+        meter.end()
+
+
+def _amend(prog: str, fmt: str | None, cache: str, options: str, operands: list[str],
+           use_image_opts: bool, force: bool, meter: Progress) -> int:
+    if fmt and _has_help(options):
+        sys.stdout.write(ops_amend.option_help(fmt))
+        return 0
+    if len(operands) != 1:
+        raise QimgError("Expecting one image file name")
+    if cache not in CACHE_MODES:
+        raise QimgError(f"Invalid cache option: {cache}")
+    img = open_image(operands[0], fmt, read_only=False, use_image_opts=use_image_opts)
+    try:
+        if _has_help(options):
+            sys.stdout.write(ops_amend.option_help(img.format))
+            return 0
+        try:
+            parsed = ops_amend.parse(img, options)
+        except ops_amend.AmendOptionsError as e:
+            sys.stderr.write(f"{prog}: {e.reason}\n" + (f"{e.hint_line}\n" if e.hint_line else ""))
+            return 1
+        ops_amend.amend(img, parsed, meter, force)
+    finally:
+        img.close()
+    return 0
