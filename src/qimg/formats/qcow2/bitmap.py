@@ -260,12 +260,10 @@ class BitmapStore:
         self.d = d
         self.bitmaps: list[DirtyBitmap] = []
         self.entries = load_directory(d)
-        #: tables of bitmaps removed since open (freed when storing)
-        self.dropped: list[DirEntry] = []
         writable = not d.read_only
         for e in self.entries:
             inconsistent = bool(e.flags & FLAG_IN_USE)
-            self.bitmaps.append(DirtyBitmap(self, e.name, 1 << e.granularity_bits, bool(e.flags & FLAG_AUTO),
+            self.bitmaps.insert(0, DirtyBitmap(self, e.name, 1 << e.granularity_bits, bool(e.flags & FLAG_AUTO),
                                             e, inconsistent, readonly=not writable))
         if writable and any(not b.inconsistent for b in self.bitmaps):
             self._mark_in_use()
@@ -392,42 +390,57 @@ class BitmapStore:
                 d.file.write_zeroes(int(off), min(cs, d.file.size - int(off)))
         d.refs.free(e.table_offset, e.table_size * 8)
 
-    def store(self) -> None:
-        """Write every bitmap back (qcow2_store_persistent_dirty_bitmaps)."""
+    def _update_dir(self, entries: list[DirEntry]) -> None:
+        """A new directory in new clusters, then the header, then the old
+        directory freed (update_ext_header_and_dir)."""
         d = self.d
-        if d.read_only or not (self.bitmaps or self.dropped):
-            return
         nb_old, old_size, old_offset = _ext(d)
-        new_entries: list[DirEntry] = []
-        to_free: list[DirEntry] = list(self.dropped)
-        for bm in self.bitmaps:
-            if bm.inconsistent:
-                assert bm.entry is not None
-                new_entries.append(bm.entry)
-                continue
-            new_entries.append(self._store_data(bm))
-            if bm.entry is not None:
-                to_free.append(bm.entry)
-        if new_entries:
-            dir_bytes = self._directory(new_entries)
+        if entries:
+            dir_bytes = self._directory(entries)
             dir_off = d.refs.alloc(len(dir_bytes))
             d.file.pwrite(dir_off, dir_bytes)
             d.flush_metadata()
-            ext = BITMAPS_EXT.pack(len(new_entries), 0, len(dir_bytes), dir_off)
+            ext = BITMAPS_EXT.pack(len(entries), 0, len(dir_bytes), dir_off)
             self._write_header(ext, d.header.autoclear_features | H.AUTOCLEAR_BITMAPS)
         else:
             d.flush_metadata()
             self._write_header(None, d.header.autoclear_features & ~H.AUTOCLEAR_BITMAPS)
-        # The new directory is in place: only now may the old clusters go.
         if nb_old and old_size:
             d.refs.free(old_offset, old_size)
-        for e in to_free:
+        self.entries = entries
+
+    def store(self) -> None:
+        """Write every bitmap back (qcow2_store_persistent_dirty_bitmaps), in
+        QEMU's order so that clusters land where QEMU puts them: the image's
+        directory list, extended by new bitmaps in memory-list order; data and
+        tables in directory order; the new directory; then the old tables."""
+        d = self.d
+        # Inconsistent bitmaps alone leave the image as it is (as QEMU does).
+        if d.read_only or all(bm.inconsistent for bm in self.bitmaps):
+            return
+        entries = list(self.entries)
+        pending: dict[int, DirtyBitmap] = {}
+        drop: list[DirEntry] = []
+        for bm in self.bitmaps:
+            if bm.inconsistent:
+                continue
+            pos = next((i for i, e in enumerate(entries) if e.name == bm.name), None)
+            if pos is None:
+                entries.append(DirEntry(bm.name, 0, 0, 0, 0))
+                pos = len(entries) - 1
+            else:
+                drop.append(entries[pos])
+            pending[pos] = bm
+        for pos in sorted(pending):
+            bm = pending[pos]
+            entries[pos] = self._store_data(bm)
+        self._update_dir(entries)
+        # The new directory is in place: only now may the old clusters go.
+        for e in drop:
             self._free_table(e)
         d.flush_metadata()
-        self.entries = new_entries
-        self.dropped = []
-        for bm, e in zip(self.bitmaps, new_entries):
-            bm.entry = e
+        for pos, bm in pending.items():
+            bm.entry = entries[pos]
 
     # ---- operations (the qmp block-dirty-bitmap-* commands' storage side) ------
     def check_new(self, name: str, granularity: int) -> str | None:
@@ -435,13 +448,20 @@ class BitmapStore:
 
     def add(self, name: str, granularity: int, enabled: bool) -> DirtyBitmap:
         bm = DirtyBitmap(self, name, granularity, enabled)
-        self.bitmaps.append(bm)
+        # QEMU's list of a node's bitmaps is newest first
+        self.bitmaps.insert(0, bm)
         return bm
 
     def remove(self, bm: DirtyBitmap) -> None:
+        """Forget ``bm``; one stored in the image leaves it at once
+        (qcow2_remove_persistent_dirty_bitmap: new directory, then its
+        clusters freed)."""
         self.bitmaps.remove(bm)
-        if bm.entry is not None:
-            self.dropped.append(bm.entry)
+        if bm.entry is not None and not self.d.read_only:
+            entry = bm.entry
+            self._update_dir([e for e in self.entries if e is not entry])
+            self._free_table(entry)
+            self.d.flush_metadata()
 
     def prepare_resize(self) -> None:
         """Before the image size changes: every bitmap must be in memory
