@@ -141,10 +141,17 @@ def json_lines(entries: Iterator[MapEntry]) -> Iterator[str]:
     """The JSON list, an entry per line, as qemu-img's dump_map_entry."""
     yield "["
     prev: MapEntry | None = None
-    for e in entries:
+    try:
+        for e in entries:
+            if prev is not None:
+                yield _json_entry(prev) + ",\n"
+            prev = e
+    except QimgError:
+        # the walk yields an entry once the one after it is known: qemu-img
+        # has printed it (with its comma) before a later lookup fails
         if prev is not None:
             yield _json_entry(prev) + ",\n"
-        prev = e
+        raise
     if prev is not None:
         yield _json_entry(prev)
     yield "]\n"
