@@ -327,3 +327,63 @@ def test_hostile_directory(tmp_path: Path, patch: tuple, message: str) -> None:
         assert mine.stdout == theirs.stdout
         assert NODE.sub(b"#blockN", mine.stderr) == NODE.sub(b"#blockN", theirs.stderr)
         assert message.encode() in theirs.stderr
+
+
+def _patch_ext(path: Path, field: int, fmt: str, value: int) -> None:
+    """Overwrite a field of the bitmaps header extension (offset ``field``
+    in its data)."""
+    import struct
+
+    with open(path, "r+b") as f:
+        head = f.read(4096)
+        off = 112
+        while struct.unpack_from(">I", head, off)[0] != 0x23852875:
+            off += 8 + ((struct.unpack_from(">I", head, off + 4)[0] + 7) & ~7)
+        f.seek(off + 8 + field)
+        f.write(struct.pack(fmt, value))
+
+
+@pytest.mark.parametrize("field,fmt,value", [
+    (4, ">I", 1),            # reserved field not zero
+    (0, ">I", 0),            # zero bitmaps
+    (0, ">I", 70000),        # more than QEMU's maximum
+    (0, ">I", 2),            # fewer found than announced
+    (16, ">Q", 12345),       # unaligned directory
+    (8, ">Q", 1 << 40),      # directory too large
+], ids=["reserved", "zero", "too-many", "less-found", "unaligned", "big-dir"])
+def test_hostile_extension(tmp_path: Path, field: int, fmt: str, value: int) -> None:
+    path = tmp_path / "a.qcow2"
+    run_qemu("create", "-f", "qcow2", str(path), SIZE)
+    run_qemu("bitmap", "--add", str(path), "b")
+    _patch_ext(path, field, fmt, value)
+    for args in (["info", str(path)], ["check", str(path)], ["bitmap", "--remove", str(path), "b"]):
+        mine, theirs = run_qimg(*args), run_qemu(*args)
+        assert (mine.returncode, mine.stdout, mine.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
+        assert theirs.returncode != 0
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_bitmaps_without_autoclear_bit(tmp_path: Path, compat: str) -> None:
+    """An image written by a program without bitmap support (autoclear bit
+    dropped) warns on every open, lists no bitmaps and leaks their clusters."""
+    import struct
+
+    path = tmp_path / "a.qcow2"
+    run_qemu("create", "-f", "qcow2", str(path), SIZE)
+    run_qemu("bitmap", "--add", str(path), "b")
+    with open(path, "r+b") as f:
+        f.seek(88)
+        f.write(struct.pack(">Q", 0))
+        if compat == "0.10":
+            f.seek(4)
+            f.write(struct.pack(">I", 2))
+    copy = tmp_path / "b.qcow2"
+    copy.write_bytes(path.read_bytes())
+    for args in (["info", "a.qcow2"], ["check", "a.qcow2"], ["info", "--output=json", "a.qcow2"]):
+        mine, theirs = run_qimg(*args, cwd=str(tmp_path)), run_qemu(*args, cwd=str(tmp_path))
+        assert (mine.returncode, mine.stdout, mine.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
+    if compat == "1.1":
+        run_qemu("bitmap", "--add", "a.qcow2", "c", cwd=str(tmp_path))
+        run_qimg("bitmap", "--add", "b.qcow2", "c", cwd=str(tmp_path))
+        assert _view(tmp_path, ["b.qcow2"]) == [
+            (dict(v[0], filename="b.qcow2"), *v[1:]) for v in _view(tmp_path, ["a.qcow2"])]

@@ -157,12 +157,9 @@ def copy_bitmaps(src: Image, dst: Image, skip_broken: bool = False) -> None:
     for bm in list(store.bitmaps):
         if bm.inconsistent:
             if skip_broken:
-                # the layering cost of a warning: qemu-img prints it here, mid-command
-                import sys
+                from qimg.formats.qcow2.bitmap import _warn
 
-                from qimg.cli.main import prog_name
-
-                sys.stderr.write(f"{prog_name()}: warning: Skipping inconsistent bitmap '{bm.name}'\n")
+                _warn(f"Skipping inconsistent bitmap '{bm.name}'")
                 continue
         try:
             add(dst, bm.name, bm.granularity, disabled=not bm.enabled)

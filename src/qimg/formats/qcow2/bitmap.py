@@ -18,7 +18,9 @@ Reading the directory (for ``info``) uses struct only; bitmap data is numpy.
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +37,7 @@ DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes, then extra data and name
 
 #: QEMU's limits (qcow2.h, qcow2-bitmap.c)
 MAX_BITMAPS = 65535
-MAX_DIRECTORY_SIZE = 64 << 20
+MAX_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
 MAX_TABLE_SIZE = 0x8000000
 MAX_PHYS_SIZE = 0x20000000
 MIN_GRANULARITY_BITS = 9
@@ -75,13 +77,24 @@ def _ext(d: "Qcow2Driver") -> tuple[int, int, int]:
 def validate_ext(h: H.QCowHeader) -> None:
     """The checks qcow2_read_extensions makes on open (any open)."""
     ext = h.bitmaps_ext
-    if ext is None or not h.autoclear_features & H.AUTOCLEAR_BITMAPS:
+    if ext is None:
         return
     if len(ext) != BITMAPS_EXT.size:
         raise QimgError("bitmaps_ext: Invalid extension length")
+    if not h.autoclear_features & H.AUTOCLEAR_BITMAPS:
+        # The bitmaps are ignored; qemu's error_printf adds no newline.
+        if h.version < 3:
+            _warn("This qcow2 v2 image contains bitmaps, but they may have been modified by a program "
+                  "without persistent bitmap support; so now they must all be considered inconsistent")
+        else:
+            _warn("a program lacking bitmap support modified this file, so all bitmaps are now "
+                  "considered inconsistent")
+        sys.stderr.write("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
+        sys.stderr.flush()
+        return
     nb, reserved, size, offset = BITMAPS_EXT.unpack(ext)
     if reserved:
-        raise QimgError("bitmaps_ext: reserved field is not zero")
+        raise QimgError("bitmaps_ext: Reserved field is not zero")
     if nb > MAX_BITMAPS:
         raise QimgError(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}")
     if nb == 0:
@@ -91,6 +104,14 @@ def validate_ext(h: H.QCowHeader) -> None:
     if size > MAX_DIRECTORY_SIZE:
         raise QimgError(f"bitmaps_ext: bitmap directory size ({size}) exceeds the maximum supported size "
                         f"({MAX_DIRECTORY_SIZE})")
+
+
+def _warn(text: str) -> None:
+    """warn_report(): "PROG: warning: TEXT" on stderr."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qimg"
+    if prog in ("__main__.py", "-m", "-c", ""):
+        prog = "qimg"
+    sys.stderr.write(f"{prog}: warning: {text}\n")
 
 
 def _entry_size(name_size: int, extra: int = 0) -> int:
