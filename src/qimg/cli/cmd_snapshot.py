@@ -2,7 +2,8 @@
 [-l | -a snapshot | -c snapshot | -d snapshot] filename``.
 
 As in qemu-img 7.2 there is no ``-f``: the format is probed (or given with
-``--image-opts``).  Without an action the snapshots are listed.
+``--image-opts``).  Without an action the image is opened read-write and
+nothing else happens, as in qemu-img.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ def run(prog: str, argv: list[str]) -> int:
     if len(operands) != 1:
         raise QimgError("Expecting one image file name", hint=True)
     filename = operands[0]
-    action = action or "-l"
     try:
         return _run(prog, action, name, filename, quiet, force_share, use_image_opts)
     except QimgError as e:
@@ -56,10 +56,13 @@ def run(prog: str, argv: list[str]) -> int:
         return e.code
 
 
-def _run(prog: str, action: str, name: str, filename: str, quiet: bool, force_share: bool,
+def _run(prog: str, action: str | None, name: str, filename: str, quiet: bool, force_share: bool,
          use_image_opts: bool) -> int:
     from qimg.ops import snapshot as ops
 
+    if force_share and action != "-l":
+        raise QimgError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+    # without an action qemu-img opens the image read-write and does nothing
     img = open_image(filename, None, read_only=action == "-l", force_share=force_share,
                      use_image_opts=use_image_opts)
     try:
@@ -74,7 +77,7 @@ def _run(prog: str, action: str, name: str, filename: str, quiet: bool, force_sh
 
                 sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))
             ops.apply(img, name)
-        else:
+        elif action == "-d":
             ops.delete(img, name)
     finally:
         img.close()

@@ -178,6 +178,53 @@ def encode_table(snaps: list[QCowSnapshot]) -> bytes:
     return bytes(out)
 
 
+def _overlap_check(d: "Qcow2Driver", offset: int, length: int) -> None:
+    """qcow2_pre_write_overlap_check before writing new metadata: refuse
+    (marking the image corrupt) to write over metadata in use."""
+    from qimg.formats.qcow2 import io
+
+    if length <= 0:
+        return
+    try:
+        io.check_overlap(d, offset, length)
+    except QimgError:
+        raise SnapshotErrno(5) from None
+    cb = d.cluster_bits
+    first, last = offset >> cb, (offset + length - 1) >> cb
+
+    def hits(start: int, nbytes: int) -> bool:
+        return nbytes > 0 and start >> cb <= last and (start + nbytes - 1) >> cb >= first
+
+    name = None
+    if hits(d.header.snapshots_offset, d._snapshots_size):
+        name = "snapshot table"
+    elif any(sn.l1_size <= QCOW_MAX_L1_SIZE // 8 and hits(sn.l1_table_offset, sn.l1_size * 8)
+             for sn in d.snapshots):
+        name = "inactive L1 table"
+    if name is None:
+        return
+    import sys
+
+    h = d.header
+    if not h.incompatible_features & 2 and h.version >= 3:
+        d._write_incompat(h.incompatible_features | 2)
+        sys.stderr.write(f"qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+                         f"(overlaps with {name}); further corruption events will be suppressed\n")
+    raise SnapshotErrno(5)
+
+
+def _free(d: "Qcow2Driver", offset: int, length: int) -> bool:
+    """qcow2_free_clusters: a failure is reported and otherwise ignored."""
+    try:
+        d.refs.free(offset, length)
+    except QimgError:
+        import sys
+
+        sys.stderr.write("qcow2_free_clusters failed: Invalid argument\n")
+        return False
+    return True
+
+
 def write_table(d: "Qcow2Driver", snaps: list[QCowSnapshot], freed: "list[np.ndarray] | None" = None) -> None:
     """Write the whole table to new clusters, point the header at it, then
     free the old one (qcow2_write_snapshots)."""
@@ -186,6 +233,12 @@ def write_table(d: "Qcow2Driver", snaps: list[QCowSnapshot], freed: "list[np.nda
     d.flush_metadata()
     new_offset = refs.alloc(len(data)) if data else refs.alloc_noref(0)
     refs.flush()
+    try:
+        _overlap_check(d, new_offset, len(data))
+    except SnapshotErrno:
+        refs.free(new_offset, len(data))
+        refs.flush()
+        raise
     if data:
         d.file.pwrite(new_offset, data)
     d.file.flush()
@@ -194,8 +247,7 @@ def write_table(d: "Qcow2Driver", snaps: list[QCowSnapshot], freed: "list[np.nda
     old_offset, old_size = d.header.snapshots_offset, d._snapshots_size
     d.header.nb_snapshots, d.header.snapshots_offset = len(snaps), new_offset
     d._snapshots, d._snapshots_size = snaps, len(data)
-    if old_size:
-        refs.free(old_offset, old_size)
+    if old_size and _free(d, old_offset, old_size):
         refs.flush()
         if freed is not None:
             freed.append(_range_clusters(d, old_offset, old_size))
@@ -397,6 +449,7 @@ def create(d: "Qcow2Driver", name: str, date_sec: int, date_nsec: int,
     # The copy keeps the flags it had: QEMU copies before updating them.
     sn.l1_table_offset = refs.alloc(len(l1) * 8) if len(l1) else refs.alloc_noref(0)
     refs.flush()
+    _overlap_check(d, sn.l1_table_offset, len(l1) * 8)
     d.file.pwrite(sn.l1_table_offset, l1.astype(">u8").tobytes())
     new_l1 = update_snapshot_refcount(d, l1, 1)
     _set_active_l1(d, new_l1)
@@ -431,8 +484,13 @@ def goto(d: "Qcow2Driver", id_or_name: str) -> None:
     except SnapshotErrno as e:
         raise SnapshotErrno(e.errno, e.message + "\n" + os.strerror(e.errno)) from None
     if sn.disk_size != d.size:
-        raise SnapshotErrno(95, "qcow2: Loading snapshots with different disk size is not implemented\n"
-                            + os.strerror(95))
+        # QEMU resizes the image to the snapshot's size first (exact, may shrink)
+        try:
+            d.truncate(sn.disk_size, "off", True)
+        except SnapshotErrno:
+            raise
+        except QimgError as e:
+            raise SnapshotErrno(getattr(e, "errno", 22), e.message + "\n" + os.strerror(getattr(e, "errno", 22))) from None
     d.flush_metadata()
     from qimg.formats.qcow2 import io
 
@@ -469,17 +527,25 @@ def delete(d: "Qcow2Driver", snapshot_id: str | None, name: str | None) -> None:
     _validate_l1(d, sn)
     d.flush_metadata()
     freed: list = []
-    write_table(d, snaps, freed)
+    _phase("Failed to remove snapshot from snapshot list", write_table, d, snaps, freed)
     old = _read_l1(d, sn.l1_table_offset, sn.l1_size)
-    update_snapshot_refcount(d, old, -1, freed)
+    _phase("Failed to free the cluster and L1 table", update_snapshot_refcount, d, old, -1, freed)
     d.flush_metadata()
-    if sn.l1_size:
-        d.refs.free(sn.l1_table_offset, sn.l1_size * 8)
+    if sn.l1_size and _free(d, sn.l1_table_offset, sn.l1_size * 8):
         freed.append(_range_clusters(d, sn.l1_table_offset, sn.l1_size * 8))
-    _set_active_l1(d, update_snapshot_refcount(d, d.map.l1, 0))
+    _set_active_l1(d, _phase("Failed to update snapshot status in disk", update_snapshot_refcount, d, d.map.l1, 0))
     d.flush_metadata()
     _discard(d, freed)
     d.file.flush()
+
+
+def _phase(what: str, fn: Any, *a: Any) -> Any:
+    """Run one step of a deletion; its errno failure is reported as QEMU's
+    error_setg_errno(what) does."""
+    try:
+        return fn(*a)
+    except SnapshotErrno as e:
+        raise SnapshotErrno(e.errno, f"{what}: {os.strerror(e.errno)}") from None
 
 
 def load_tmp(d: "Qcow2Driver", snapshot_id: str | None, name: str | None) -> None:
