@@ -55,7 +55,8 @@ def _raw(tmp_path, name: str, runner) -> bytes:
     ["-o", "encryption=on", "1M"],
 ])
 def test_create_byte_identical(tmp_path, args):
-    _bases(tmp_path)
+    if any(a.startswith("base") for a in args):
+        _bases(tmp_path)
     size = [a for a in args[-1:] if not a.startswith("-") and a[0].isdigit()]
     opts = args[:-1] if size else args
     mine = run_qimg("create", "-f", "qcow", *opts, "m.qcow", *size, cwd=str(tmp_path))

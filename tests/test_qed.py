@@ -68,7 +68,8 @@ def _all_views_same(tmp_path, name: str) -> None:
     ["-u", "-b", "base.raw", "-F", "xyz", "1M"],
 ])
 def test_create_byte_identical(tmp_path, args):
-    _bases(tmp_path)
+    if any(a.startswith("base") for a in args):
+        _bases(tmp_path)
     args = [a for a in args if a != ""]
     mine = run_qimg("create", "-f", "qed", *args[:-1], "m.qed", *args[-1:], cwd=str(tmp_path))
     theirs = run_qemu("create", "-f", "qed", *args[:-1], "q.qed", *args[-1:], cwd=str(tmp_path))
