@@ -285,3 +285,16 @@ def test_zero_write_over_data_clusters(tmp_path):
     img.close()
     assert (tmp_path / "a.qed").read_bytes() == (tmp_path / "b.qed").read_bytes()
     assert_same(["map", "--output=json", "b.qed"], str(tmp_path))
+
+
+@pytest.mark.parametrize("args", [["20M"], ["+1M"], ["5M"], ["--shrink", "5M"], ["1000"],
+                                  ["--preallocation=full", "30M"], ["100T"]])
+def test_resize(tmp_path, args):
+    """QED grows by rewriting image_size; it cannot shrink or preallocate."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        _create(tmp_path / d, "x.qed", "10M")
+    mine = run_qimg("resize", "x.qed", *args, cwd=str(tmp_path / "a"))
+    theirs = run_qemu("resize", "x.qed", *args, cwd=str(tmp_path / "b"))
+    assert (mine.stdout, mine.stderr, mine.returncode) == (theirs.stdout, theirs.stderr, theirs.returncode)
+    assert (tmp_path / "a" / "x.qed").read_bytes() == (tmp_path / "b" / "x.qed").read_bytes()
