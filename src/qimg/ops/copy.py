@@ -44,7 +44,7 @@ SWITCH_INTERVAL = 0.001
 #: reads kept in flight ahead of the writer
 READ_AHEAD = 3
 #: plain data lying in a row in the source file is read this much at a time
-BATCH_BYTES = 8 << 20
+BATCH_BYTES = 4 << 20
 WORKERS = max(2, min(4, os.cpu_count() or 1))
 
 
@@ -240,25 +240,37 @@ def _counts(job: CopyJob, chunk: Chunk) -> bool:
 
 
 class _BufferPool:
-    """Read buffers reused across chunks: a fresh 2 MiB bytearray costs a
-    zeroing pass and a page fault per 4 KiB page, as much again as the read
-    itself.  ``get`` hands out a view of a pooled buffer; ``put`` takes it
-    back once the data is written."""
+    """Read buffers reused across chunks: a fresh buffer costs a zeroing
+    pass and a page fault per 4 KiB page, as much again as the read itself.
+    ``get`` hands out a view of a pooled buffer, waiting while ``limit``
+    are out (queued writes hold them: memory stays bounded); ``put`` takes
+    it back once its data is written.  With ``limit`` above the number of
+    reads in flight some buffer is always on its way back, so a wait ends."""
 
-    def __init__(self, size: int, keep: int) -> None:
+    def __init__(self, size: int, limit: int) -> None:
         self.size = size
-        self.keep = keep
+        self.limit = limit
         self._free: list[bytearray] = []
-        self._lock = threading.Lock()
+        self._out = 0
+        self._cond = threading.Condition()
 
     def get(self, nbytes: int) -> memoryview | bytearray:
         if nbytes > self.size:
             return bytearray(nbytes)
-        with self._lock:
+        with self._cond:
+            while self._out >= self.limit:
+                self._cond.wait()
+            self._out += 1
             buf = self._free.pop() if self._free else None
         if buf is None:
             buf = bytearray(self.size)
         return memoryview(buf)[:nbytes]
+
+    def close(self) -> None:
+        """Stop waiting (the copy failed: buffers out may never come back)."""
+        with self._cond:
+            self.limit = 1 << 62
+            self._cond.notify_all()
 
     def put(self, view) -> None:
         if not isinstance(view, memoryview):
@@ -269,9 +281,10 @@ class _BufferPool:
         except BufferError:
             pass
         if isinstance(buf, bytearray) and len(buf) == self.size:
-            with self._lock:
-                if len(self._free) < self.keep:
-                    self._free.append(buf)
+            with self._cond:
+                self._out -= 1
+                self._free.append(buf)
+                self._cond.notify()
 
 
 def run(job: CopyJob) -> None:
@@ -288,8 +301,7 @@ def run(job: CopyJob) -> None:
     direct = job.target.format == "raw" and compressor is None
     # compressed chunks are single clusters: keep many in flight
     ahead = READ_AHEAD * 8 if compressor is not None else READ_AHEAD
-    bufs = None if compressor is not None else _BufferPool(max(BATCH_BYTES, job.buf_sectors * SECTOR),
-                                                           ahead + WORKERS + 2)
+    bufs = None if compressor is not None else _BufferPool(max(BATCH_BYTES, job.buf_sectors * SECTOR), ahead + 2)
     writer = None
     # Threads waiting for the GIL after their I/O returns (the writer
     # above all) would otherwise wait out the default 5 ms switch interval
@@ -409,57 +421,62 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                bufs: "_BufferPool | None", writer: "_SerialWriter | None", total_alloc: int) -> None:
     done = 0
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        pending: deque[tuple[list[Chunk], Future | None]] = deque()
-        it = iter(chunks)
-        carry: Chunk | None = None
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < ahead:
-                chunk = carry if carry is not None else next(it, None)
-                carry = None
-                if chunk is None:
-                    exhausted = True
+        try:
+            pending: deque[tuple[list[Chunk], Future | None]] = deque()
+            it = iter(chunks)
+            carry: Chunk | None = None
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < ahead:
+                    chunk = carry if carry is not None else next(it, None)
+                    carry = None
+                    if chunk is None:
+                        exhausted = True
+                        break
+                    group = [chunk]
+                    fut = None
+                    if chunk.status == BLK_DATA:
+                        if compressor is not None:
+                            fut = compressor.submit(pool, pool.submit(_read_chunk, job, chunk, locks))
+                        else:
+                            if chunk.host is not None and bufs is not None:
+                                carry, exhausted = _extend_group(group, it, bufs.size)
+                            fut = pool.submit(_produce, job, group, locks, direct, bufs)
+                    elif direct:
+                        fut = pool.submit(_write_chunk, job, chunk, None, None)
+                    pending.append((group, fut))
+                if not pending:
                     break
-                group = [chunk]
-                fut = None
-                if chunk.status == BLK_DATA:
+                group, fut = pending.popleft()
+                result = fut.result() if fut is not None else None
+                if direct or compressor is not None:
+                    for chunk in group:
+                        if job.progress is not None and _counts(job, chunk):
+                            done += chunk.sectors
+                            job.progress(100.0 * done / total_alloc)
                     if compressor is not None:
-                        fut = compressor.submit(pool, pool.submit(_read_chunk, job, chunk, locks))
-                    else:
-                        if chunk.host is not None and bufs is not None:
-                            carry, exhausted = _extend_group(group, it, bufs.size)
-                        fut = pool.submit(_produce, job, group, locks, direct, bufs)
-                elif direct:
-                    fut = pool.submit(_write_chunk, job, chunk, None, None)
-                pending.append((group, fut))
-            if not pending:
-                break
-            group, fut = pending.popleft()
-            result = fut.result() if fut is not None else None
-            if direct or compressor is not None:
-                for chunk in group:
+                        _write_chunk(job, group[0], result, compressor)
+                    continue
+                buf, parts = result if result is not None else (None, [None])
+                for chunk, part in zip(group, parts):
                     if job.progress is not None and _counts(job, chunk):
                         done += chunk.sectors
                         job.progress(100.0 * done / total_alloc)
-                if compressor is not None:
-                    _write_chunk(job, group[0], result, compressor)
-                continue
-            buf, parts = result if result is not None else (None, [None])
-            for chunk, part in zip(group, parts):
-                if job.progress is not None and _counts(job, chunk):
-                    done += chunk.sectors
-                    job.progress(100.0 * done / total_alloc)
-                if writer is not None:
-                    writer.sector = chunk.sector
-                _write_chunk(job, chunk, part, None)
-            if buf is not None and bufs is not None:
-                if writer is not None:
-                    # the buffer is free once the writes before this are done
-                    writer.call(bufs.put, buf)
-                else:
-                    bufs.put(buf)
-        if writer is not None:
-            writer.drain()
+                    if writer is not None:
+                        writer.sector = chunk.sector
+                    _write_chunk(job, chunk, part, None)
+                if buf is not None and bufs is not None:
+                    if writer is not None:
+                        # the buffer is free once the writes before this are done
+                        writer.call(bufs.put, buf)
+                    else:
+                        bufs.put(buf)
+            if writer is not None:
+                writer.drain()
+        finally:
+            if bufs is not None:
+                # workers waiting for a buffer must not outlive a failure
+                bufs.close()
 
 
 def _extend_group(group: list[Chunk], it: Iterator[Chunk], limit: int) -> tuple["Chunk | None", bool]:

@@ -95,6 +95,8 @@ def _cluster_content(d: "Qcow2Driver", ci: int) -> bytearray:
     """The guest content of cluster ``ci`` as a read through this layer
     and the backing chain returns it (the source of copy-on-write)."""
     cs = d.cluster_size
+    if d.backing is None and not d.map.entries(ci, 1)[0]:
+        return bytearray(cs)  # unallocated, nothing below
     kind, _, first = d.map.run(ci, 1)
     if kind == NORMAL:
         _drain(d)
@@ -245,13 +247,18 @@ def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
         table_end = ((ci >> l2_bits) + 1) << l2_bits
         last = min((end - 1) >> cb, table_end - 1)
         ents = d.map.entries(ci, last - ci + 1)
-        kinds = classify(ents)
-        # Clusters we own alone (COPIED) are written in place, zero clusters
-        # with a host cluster too (as QEMU's handle_copied does).
-        inplace = ((kinds == NORMAL) | (kinds == ZERO_ALLOC)) & ((ents & _U64(QCOW_OFLAG_COPIED)) != 0)
-        change = np.flatnonzero(inplace != inplace[0])
-        n = int(change[0]) if len(change) else len(ents)
-        if inplace[0]:
+        if not ents.any():
+            # all unallocated (a new image): one allocating write
+            inplace_first, n = False, len(ents)
+        else:
+            kinds = classify(ents)
+            # Clusters we own alone (COPIED) are written in place, zero clusters
+            # with a host cluster too (as QEMU's handle_copied does).
+            inplace = ((kinds == NORMAL) | (kinds == ZERO_ALLOC)) & ((ents & _U64(QCOW_OFLAG_COPIED)) != 0)
+            change = np.flatnonzero(inplace != inplace[0])
+            n = int(change[0]) if len(change) else len(ents)
+            inplace_first = bool(inplace[0])
+        if inplace_first:
             kind, n, first = d.map.run(ci, n)
             seg_end = min(end, (ci + n) << cb)
             base = first & L2E_OFFSET_MASK
@@ -320,7 +327,8 @@ def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) 
     tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
     d.map.mark_dirty(_l2_offset(d, ci >> (cb - 3)))
     d._zcache = None
-    _release(d, old)
+    if old.any():
+        _release(d, old)
 
 
 def write_compressed_raw(d: "Qcow2Driver", offset: int, comp: bytes) -> None:

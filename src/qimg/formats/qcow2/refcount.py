@@ -173,6 +173,12 @@ class Refcounts:
         """Find ``nclusters`` free clusters in a row from free_cluster_index
         (no refcount change), as alloc_clusters_noref."""
         idx = self.free_cluster_index
+        # Usually (a growing image) the clusters right there are free.
+        if nclusters > 0 and not self.get_range(idx, nclusters).any():
+            if (idx + nclusters - 1) > ((1 << 63) - 1) >> self.cluster_bits:
+                raise QimgError("File too large")
+            self.free_cluster_index = idx + nclusters
+            return idx << self.cluster_bits
         window = max(nclusters, 256)
         while True:
             # Look at a window of refcounts (growing: free space is usually
