@@ -137,7 +137,9 @@ def test_same_operations_same_image(tmp_path: Path, opts: tuple[str, ...]) -> No
 
 def test_delete_all_and_again(tmp_path: Path) -> None:
     base = _make(tmp_path, "base.qcow2")
-    q, p = _both(base, [["-c", "a"], ["-c", "b"], ["-d", "a"], ["-d", "b"], ["-l"], ["-c", "c"],
+    q, p = _both(base, [["-c", "a"], ["-c", "b"], ["-d", "a"], ["-d", "b"], ["-l"]])
+    assert p.read_bytes() == q.read_bytes()
+    q, p = _both(base, [["-c", "a"], ["-c", "b"], ["-d", "a"], ["-d", "b"], ["-c", "c"],
                         ("write -P 4 0 64k",), ["-a", "c"]])
     _assert_equivalent(q, p)
 

@@ -231,7 +231,8 @@ def write_table(d: "Qcow2Driver", snaps: list[QCowSnapshot], freed: "list[np.nda
     data = encode_table(snaps)
     refs = d.refs
     d.flush_metadata()
-    new_offset = refs.alloc(len(data)) if data else refs.alloc_noref(0)
+    # an empty table is stored as offset 0, as qemu-img leaves it
+    new_offset = refs.alloc(len(data)) if data else 0
     refs.flush()
     try:
         _overlap_check(d, new_offset, len(data))
@@ -338,6 +339,25 @@ def _add_refs(d: "Qcow2Driver", idx: "np.ndarray", counts: "np.ndarray", addend:
     return idx[new == 0]
 
 
+def _compressed_clusters(entries: "np.ndarray", cb: int) -> "list[np.ndarray]":
+    """Host clusters each compressed descriptor's bytes touch (one, two or
+    three per descriptor: a reference for each, as QEMU counts them)."""
+    import numpy as np
+
+    from qimg.formats.qcow2.compress import descriptor_layout
+
+    shift, mask, off_mask = descriptor_layout(cb)
+    u64 = np.uint64
+    host = entries & u64(off_mask)
+    size = (((entries >> u64(shift)) & u64(mask)) + u64(1)) * u64(512) - (host & u64(511))
+    first = host >> u64(cb)
+    last = (host + size - u64(1)) >> u64(cb)
+    out = [first]
+    for k in (1, 2):
+        out.append(first[first + u64(k) <= last] + u64(k))
+    return out
+
+
 def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
                              freed: "list[np.ndarray] | None" = None) -> "np.ndarray":
     """Add ``addend`` (+1, -1 or 0) to the refcount of every cluster ``l1``
@@ -348,7 +368,6 @@ def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
     import numpy as np
 
     from qimg.formats.qcow2 import cluster as C
-    from qimg.formats.qcow2.compress import parse_descriptor
 
     cb, cs = d.cluster_bits, d.cluster_size
     m = d.map
@@ -368,9 +387,9 @@ def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
             if ((plain & u64(cs - 1)) != 0).any():
                 raise SnapshotErrno(5)
             parts.append(plain >> u64(cb))
-            for ent in tab[kinds == C.COMPRESSED].tolist():
-                host, size = parse_descriptor(int(ent), cb)
-                parts.append(np.arange(host >> cb, ((host + size - 1) >> cb) + 1, dtype=u64))
+            comp = tab[kinds == C.COMPRESSED]
+            if len(comp):
+                parts.extend(_compressed_clusters(comp, cb))
         idx, counts = np.unique(np.concatenate(parts).astype(u64), return_counts=True)
         gone = _add_refs(d, idx, counts, addend)
         if freed is not None:
