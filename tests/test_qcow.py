@@ -190,3 +190,24 @@ def test_convert_with_backing_byte_identical(tmp_path):
     assert run_qemu("convert", *args, "q.qcow", cwd=str(tmp_path)).returncode == 0
     assert (tmp_path / "m.qcow").read_bytes() == (tmp_path / "q.qcow").read_bytes()
     assert run_qemu("compare", "top.qcow2", "m.qcow", cwd=str(tmp_path)).returncode == 0
+
+
+@pytest.mark.parametrize("rebase", [None, ["-u", "-b", "base.raw", "-F", "raw"], ["-b", "base.raw", "-F", "raw"],
+                                    ["-u", "-b", ""]])
+def test_commit_and_rebase(tmp_path, rebase):
+    """commit empties the overlay as QEMU's make_empty does; rebase rewrites
+    the backing file name (where the format can), byte for byte as qemu-img."""
+    for d in ("a", "b"):
+        w = tmp_path / d
+        w.mkdir()
+        run_qemu("create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=str(w))
+        run_qemu_io("-c", "write -P 1 0 4M", str(w / "base.qcow2"))
+        run_qemu("create", "-q", "-f", "raw", "base.raw", "4M", cwd=str(w))
+        run_qemu("create", "-q", "-f", "qcow", "-b", "base.qcow2", "-F", "qcow2", "top.qcow", cwd=str(w))
+        run_qemu_io("-c", "write -P 2 4096 8192", "-c", "write -P 3 1M 64k", str(w / "top.qcow"))
+    cmd = ["commit", "top.qcow"] if rebase is None else ["rebase", *rebase, "top.qcow"]
+    mine = run_qimg(*cmd, cwd=str(tmp_path / "a"))
+    theirs = run_qemu(*cmd, cwd=str(tmp_path / "b"))
+    assert (mine.stdout, mine.stderr, mine.returncode) == (theirs.stdout, theirs.stderr, theirs.returncode)
+    for name in ("top.qcow", "base.qcow2"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

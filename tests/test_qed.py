@@ -298,3 +298,24 @@ def test_resize(tmp_path, args):
     theirs = run_qemu("resize", "x.qed", *args, cwd=str(tmp_path / "b"))
     assert (mine.stdout, mine.stderr, mine.returncode) == (theirs.stdout, theirs.stderr, theirs.returncode)
     assert (tmp_path / "a" / "x.qed").read_bytes() == (tmp_path / "b" / "x.qed").read_bytes()
+
+
+@pytest.mark.parametrize("rebase", [None, ["-u", "-b", "base.raw", "-F", "raw"], ["-b", "base.raw", "-F", "raw"],
+                                    ["-u", "-b", ""]])
+def test_commit_and_rebase(tmp_path, rebase):
+    """commit empties the overlay as QEMU's make_empty does; rebase rewrites
+    the backing file name (where the format can), byte for byte as qemu-img."""
+    for d in ("a", "b"):
+        w = tmp_path / d
+        w.mkdir()
+        run_qemu("create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=str(w))
+        run_qemu_io("-c", "write -P 1 0 4M", str(w / "base.qcow2"))
+        run_qemu("create", "-q", "-f", "raw", "base.raw", "4M", cwd=str(w))
+        run_qemu("create", "-q", "-f", "qed", "-b", "base.qcow2", "-F", "qcow2", "top.qed", cwd=str(w))
+        run_qemu_io("-c", "write -P 2 4096 8192", "-c", "write -P 3 1M 64k", str(w / "top.qed"))
+    cmd = ["commit", "top.qed"] if rebase is None else ["rebase", *rebase, "top.qed"]
+    mine = run_qimg(*cmd, cwd=str(tmp_path / "a"))
+    theirs = run_qemu(*cmd, cwd=str(tmp_path / "b"))
+    assert (mine.stdout, mine.stderr, mine.returncode) == (theirs.stdout, theirs.stderr, theirs.returncode)
+    for name in ("top.qed", "base.qcow2"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

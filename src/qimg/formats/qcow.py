@@ -427,6 +427,21 @@ class QcowDriver(Driver):
         self.file.pwrite(head + in_cluster, data[:n])
         return n
 
+    def make_empty(self) -> None:
+        """Clear the L1 table and cut the file after it (qcow_make_empty)."""
+        self._writable()
+        import numpy as np
+
+        length = self.l1_size * 8
+        step = 1 << 20
+        for pos in range(0, length, step):
+            self.file.pwrite(self.l1_table_offset + pos, bytes(min(step, length - pos)))
+        self.file.flush()
+        self.file.truncate(self.l1_table_offset + length)
+        self._l1 = np.zeros(0, dtype=np.uint64)
+        self._l2_cache.clear()
+        self._zcache = None
+
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         # qcow has no zero clusters: zeroes are written as data, in pieces
         step = 1 << 20
