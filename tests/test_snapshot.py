@@ -199,10 +199,15 @@ def test_unknown_extra_data_kept(tmp_path: Path) -> None:
     id_len, name_len = struct.unpack_from(">HH", raw, pos + 12)
     names = raw[pos + 64:pos + 64 + id_len + name_len]
     struct.pack_into(">I", raw, pos + 36, 32)
+    # a VM's snapshot: clock, state size (past 32 bits), icount
+    struct.pack_into(">QII", raw, pos + 24, 3723_456_789_000, 0, 32)
+    struct.pack_into(">QQQ", raw, pos + 40, 5 << 30, 4 << 20, 12345)
     raw[pos + 64:pos + 72] = b"FUTURE!!"
     raw[pos + 72:pos + 72 + len(names)] = names
     p.write_bytes(bytes(raw))
     assert run_qemu("check", str(p)).returncode == 0
+    for args in (["snapshot", "-l", p.name], ["info", p.name], ["info", "--output=json", p.name]):
+        assert_same(args, str(tmp_path))
     q, mine = _both(p, [["-c", "t"], ["-d", "t"]])
     _assert_equivalent(q, mine)
     nb, off, entries = _table(mine)
