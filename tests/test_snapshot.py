@@ -296,3 +296,30 @@ def test_hostile_tables(tmp_path: Path, case: str) -> None:
             # where qemu-img fails it leaves leaks and a header that counts the
             # failed snapshot (qcow2_mark_corrupt rewrites it); qimg does not
             assert _masked(mine) == _masked(q)
+
+
+def _first_l1_entry(raw: bytearray) -> int:
+    """File offset of snapshot 1's first L1 entry."""
+    _, off = struct.unpack_from(">IQ", raw, 60)
+    return struct.unpack_from(">Q", raw, off)[0]
+
+
+def _l1_unaligned(raw: bytearray) -> None:
+    pos = _first_l1_entry(raw)
+    struct.pack_into(">Q", raw, pos, struct.unpack_from(">Q", raw, pos)[0] | 0x200)
+
+
+def _data_past_refcounts(raw: bytearray) -> None:
+    l2 = struct.unpack_from(">Q", raw, _first_l1_entry(raw))[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", raw, l2 + 8 * 40, 1 << 40)
+
+
+@pytest.mark.parametrize("damage", [_l1_unaligned, _data_past_refcounts])
+@pytest.mark.parametrize("args", [["-a", "s1"], ["-d", "s1"], ["-c", "x"]])
+def test_damaged_snapshot_l2_references(tmp_path: Path, damage, args: list[str]) -> None:
+    """Corruption found while counting references: QEMU's messages (and the
+    corrupt bit), its errno, and what check says afterwards."""
+    p = _hostile(tmp_path, "h.qcow2", lambda raw, nb, off: damage(raw))
+    q, mine = _both(p, [args])
+    cq, cp = run_qemu("check", str(q)), run_qemu("check", str(mine))
+    assert cp.returncode == cq.returncode

@@ -325,7 +325,16 @@ def _add_refs(d: "Qcow2Driver", idx: "np.ndarray", counts: "np.ndarray", addend:
     left unreferenced."""
     import numpy as np
 
+    from qimg.formats.qcow2.refcount import _Again
+
     refs = d.refs
+    tables = np.unique(idx >> np.uint64(refs.block_bits)).astype(np.int64)
+    in_table = tables < len(refs.table)
+    have = np.zeros(len(tables), dtype=bool)
+    have[in_table] = (refs.table[tables[in_table]] & np.uint64(0xFFFFFFFFFFFFFE00)) != 0
+    if not have.all():
+        # QEMU places the refcount block and fails with -EAGAIN here
+        raise SnapshotErrno(11)
     cur = _refcounts_of(refs, idx).astype(np.int64)
     new = cur + counts.astype(np.int64) * addend
     if len(new) and ((new < 0).any() or (new > refs.max).any()):
@@ -335,8 +344,30 @@ def _add_refs(d: "Qcow2Driver", idx: "np.ndarray", counts: "np.ndarray", addend:
         sel = idx[counts == c].astype(np.int64)
         cuts = np.flatnonzero(np.diff(sel) != 1) + 1
         for run in np.split(sel, cuts):
-            refs.update(int(run[0]) << cb, len(run) << cb, int(c) * addend)
+            while True:
+                try:
+                    refs.update(int(run[0]) << cb, len(run) << cb, int(c) * addend)
+                    break
+                except _Again:
+                    # a new refcount block was placed: the same update again
+                    continue
     return idx[new == 0]
+
+
+def _hx(v: int) -> str:
+    """C's %#x: no 0x before a zero."""
+    return f"{v:#x}" if v else "0"
+
+
+def _corrupt(d: "Qcow2Driver", message: str) -> None:
+    """qcow2_signal_corruption: mark the image corrupt, say why, fail with EIO."""
+    import sys
+
+    h = d.header
+    if not h.incompatible_features & 2 and h.version >= 3:
+        d._write_incompat(h.incompatible_features | 2)
+        sys.stderr.write(f"qcow2: Marking image as corrupt: {message}; further corruption events will be suppressed\n")
+    raise SnapshotErrno(5)
 
 
 def _compressed_clusters(entries: "np.ndarray", cb: int) -> "list[np.ndarray]":
@@ -376,16 +407,20 @@ def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
     l1 = l1.copy()
     used = np.flatnonzero(l1 & u64(C.L1E_OFFSET_MASK))
     l2_offsets = (l1[used] & u64(C.L1E_OFFSET_MASK))
-    if ((l2_offsets & u64(cs - 1)) != 0).any():
-        raise SnapshotErrno(5)
+    bad = np.flatnonzero((l2_offsets & u64(cs - 1)) != 0)
+    if len(bad):
+        _corrupt(d, f"L2 table offset {_hx(int(l2_offsets[bad[0]]))} unaligned (L1 index: {_hx(int(used[bad[0]]))})")
     if addend:
         parts = [l2_offsets >> u64(cb)]
         for off in l2_offsets.tolist():
             tab = m.l2_table(off)
             kinds = C.classify(tab)
-            plain = tab[(kinds == C.NORMAL) | (kinds == C.ZERO_ALLOC)] & u64(C.L2E_OFFSET_MASK)
-            if ((plain & u64(cs - 1)) != 0).any():
-                raise SnapshotErrno(5)
+            pi = np.flatnonzero((kinds == C.NORMAL) | (kinds == C.ZERO_ALLOC))
+            plain = tab[pi] & u64(C.L2E_OFFSET_MASK)
+            bad = np.flatnonzero((plain & u64(cs - 1)) != 0)
+            if len(bad):
+                _corrupt(d, f"Cluster allocation offset {_hx(int(plain[bad[0]]))} unaligned "
+                            f"(L2 offset: {_hx(off)}, L2 index: {_hx(int(pi[bad[0]]))})")
             parts.append(plain >> u64(cb))
             comp = tab[kinds == C.COMPRESSED]
             if len(comp):
