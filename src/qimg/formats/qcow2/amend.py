@@ -231,47 +231,58 @@ def _has_compressed_clusters(d: "Qcow2Driver") -> bool:
 
 
 def expand_zero_clusters(d: "Qcow2Driver", helper: _Helper) -> None:
-    """Turn zero clusters into what v2 can express (qcow2_expand_zero_clusters):
-    preallocated ones become data clusters filled with zeroes; plain ones
-    are dropped without a backing file, else allocated and zeroed."""
+    """Turn zero clusters into what v2 can express (qcow2_expand_zero_clusters),
+    in the active L1 table and then every snapshot's: preallocated ones
+    become data clusters filled with zeroes; plain ones are dropped without
+    a backing file, else allocated and zeroed.  A cluster allocated into an
+    L2 table shared with snapshots gets the table's refcount."""
+    import numpy as np
+
+    from qimg.formats.qcow2.cluster import L1E_OFFSET_MASK
+
+    m = d.map
+    snaps = d.snapshots
+    tables = [m.l1] + [np.frombuffer(d.file.pread(sn.l1_table_offset, sn.l1_size * 8), dtype=">u8")
+                       .astype(np.uint64) for sn in snaps]
+    total = sum(len(t) for t in tables)
+    visited = 0
+    for l1 in tables:
+        for i, entry in enumerate(l1.tolist()):
+            l2_off = entry & L1E_OFFSET_MASK
+            if l2_off:
+                _expand_l2(d, l2_off)
+            visited += 1
+            helper(visited, total)
+
+
+def _expand_l2(d: "Qcow2Driver", l2_off: int) -> None:
     import numpy as np
 
     from qimg.formats.qcow2.cluster import ZERO_ALLOC, ZERO_PLAIN, classify
 
     m, refs = d.map, d.refs
-    snaps = d.snapshots
-    total = len(m.l1) + sum(sn.l1_size for sn in snaps)
     cs = d.cluster_size
-    visited = 0
-    for i in range(len(m.l1)):
-        l2_off = m.l2_offset(i)
-        visited += 1
-        if l2_off:
-            tab = m.l2_table(l2_off)
-            kinds = classify(tab)
-            zero = np.flatnonzero((kinds == ZERO_PLAIN) | (kinds == ZERO_ALLOC))
-            if len(zero):
-                if snaps:
-                    raise UnsupportedError("Expanding zero clusters of images with internal snapshots "
-                                           "is not supported yet")
-                copied = np.uint64(QCOW_OFLAG_COPIED) if refs.get(l2_off // cs) == 1 else np.uint64(0)
-                for j in zero.tolist():
-                    if kinds[j] == ZERO_PLAIN:
-                        if d.backing is None:
-                            tab[j] = 0
-                            continue
-                        host = refs.alloc(cs)
-                    else:
-                        host = int(tab[j]) & L2E_OFFSET_MASK
-                    refs.flush()
-                    d.file.write_zeroes(host, cs)
-                    tab[j] = np.uint64(host) | copied
-                m.mark_dirty(l2_off)
-                d.flush_metadata()
-        helper(visited, total)
-    if snaps:
-        visited += sum(sn.l1_size for sn in snaps)
-        helper(visited, total)
+    tab = m.l2_table(l2_off)
+    kinds = classify(tab)
+    zero = np.flatnonzero((kinds == ZERO_PLAIN) | (kinds == ZERO_ALLOC))
+    if not len(zero):
+        return
+    l2_refcount = refs.get(l2_off // cs)
+    for j in zero.tolist():
+        if kinds[j] == ZERO_PLAIN:
+            if d.backing is None:
+                tab[j] = 0
+                continue
+            host = refs.alloc(cs)
+            if l2_refcount > 1:
+                refs.update(host, cs, l2_refcount - 1)
+        else:
+            host = int(tab[j]) & L2E_OFFSET_MASK
+        refs.flush()
+        d.file.write_zeroes(host, cs)
+        tab[j] = np.uint64(host | (QCOW_OFLAG_COPIED if l2_refcount == 1 else 0))
+    m.mark_dirty(l2_off)
+    d.flush_metadata()
 
 
 # ---- refcount width ------------------------------------------------------------------
