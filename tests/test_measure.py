@@ -122,7 +122,16 @@ def test_getopt_errors(tmp_path, bad):
     assert b"measure [--output=ofmt]" in mine.stdout and b"measure [--output=ofmt]" in theirs.stdout
 
 
-def test_missing_snapshot(tmp_path):
-    _qcow2_source(tmp_path)
-    assert_same(["measure", "-l", "nosuch", "src.qcow2"], str(tmp_path))
-    assert_same(["measure", "-l", "snapshot.id=9", "-O", "qcow2", "src.qcow2"], str(tmp_path))
+@pytest.mark.parametrize("param", ["s1", "1", "nosuch", "snapshot.id=1", "snapshot.name=s1",
+                                   "snapshot.id=1,snapshot.name=x", "snapshot.foo=1", "snapshot.id"])
+def test_snapshot(tmp_path, param):
+    """-l measures the snapshot's clusters, not the active layer's."""
+    src = _qcow2_source(tmp_path)
+    assert run_qemu("snapshot", "-c", "s1", src).returncode == 0
+    run_qemu_io("-c", "write -P 8 1M 2M", "-c", "write -z 0 64k", src)
+    assert_same(["measure", "-O", "qcow2", "-l", param, "src.qcow2"], str(tmp_path))
+
+
+def test_snapshot_of_raw(tmp_path):
+    (tmp_path / "r").write_bytes(bytes(4096))
+    assert_same(["measure", "-l", "s1", "-f", "raw", "r"], str(tmp_path))

@@ -10,7 +10,7 @@ import sys
 from qimg.block.image import Image
 from qimg.cli import args
 from qimg.cli.common import add_object, open_image
-from qimg.errors import QimgError, UnsupportedError
+from qimg.errors import QimgError
 from qimg.ops import measure as ops_measure
 from qimg.units import cvtnum
 
@@ -90,7 +90,7 @@ def run(prog: str, argv: list[str]) -> int:
         source = open_image(filename, fmt, force_share=force_share, use_image_opts=use_image_opts)
     try:
         if source is not None and snapshot is not None:
-            _load_snapshot(source, snapshot)
+            _load_snapshot(prog, source, snapshot)
         info = ops_measure.measure(out_fmt, options, size, source)
     except ops_measure.OptionsError as e:
         sys.stderr.write(f"{prog}: {e.reason}\n{prog}: Invalid options for file format '{e.fmt}'\n")
@@ -105,23 +105,29 @@ def run(prog: str, argv: list[str]) -> int:
     return 0
 
 
-def _load_snapshot(img: Image, param: str) -> None:
-    """``-l``: only a snapshot the image has can be measured; reading an
-    internal snapshot's view is left to the driver (not available yet)."""
+def _load_snapshot(prog: str, img: Image, param: str) -> None:
+    """``-l``: read the internal snapshot instead of the active image
+    (bdrv_snapshot_load_tmp; a bare word is an ID, else a name)."""
     from qimg.block.options import split_options
 
-    sn_id = sn_name = None
+    sn_id: str | None = param
+    sn_name: str | None = None
+    exact = False
     if param.startswith("snapshot."):
+        sn_id, exact = None, True
         for key, value in split_options(param):
+            if key not in ("snapshot.id", "snapshot.name"):
+                raise QimgError(f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{param}'")
+            if value is None:
+                sys.stderr.write(f"{prog}: warning: short-form boolean option '{key}' deprecated\n"
+                                 f"Please use {key}=on instead\n")
+                value = "on"
             if key == "snapshot.id":
                 sn_id = value
-            elif key == "snapshot.name":
-                sn_name = value
             else:
-                raise QimgError(f"Failed in parsing snapshot param '{param}'")
-    else:
-        sn_id = sn_name = param
-    for sn in img.driver.snapshot_list():
-        if (sn_id is not None and sn.get("id") == sn_id) or (sn_name is not None and sn.get("name") == sn_name):
-            raise UnsupportedError("Failed to load snapshot: Measuring an internal snapshot is not supported yet")
-    raise QimgError("Failed to load snapshot: Can't find snapshot")
+                sn_name = value
+    loader = getattr(img.driver, "load_snapshot_tmp", None)
+    if loader is None:
+        raise QimgError(f"Failed to load snapshot: Block format '{img.format}' used by device '' "
+                        "does not support temporarily loading internal snapshots")
+    loader(sn_id, sn_name, exact=exact)
