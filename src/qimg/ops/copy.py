@@ -600,25 +600,32 @@ def _read_chunk_raw(job: CopyJob, chunk: Chunk, locks: list,
 def _inflate(img: Image, lock: threading.Lock | None, offset: int, length: int) -> bytearray:
     """Read compressed qcow2 clusters: the descriptors and compressed bytes
     under the source's lock, the inflating (zlib/zstd release the GIL)
-    outside it, so that workers decompress in parallel as QEMU's threads do."""
+    outside it, so that workers decompress in parallel as QEMU's threads do.
+    Compressed clusters are packed one after the other in the file: their
+    bytes come in one read when they lie close together."""
     from qimg.formats.qcow2.compress import decompress_cluster, parse_descriptor
 
     d = img.driver
     cb, cs = d.cluster_bits, d.cluster_size
     ctype = d.header.compression_type
     first, last = offset >> cb, (offset + length - 1) >> cb
-    blobs: list[bytes] = []
+    where: list[tuple[int, int]] = []
     with lock or threading.Lock():
         ci = first
         while ci <= last:
             ents = d.map.entries(ci, last - ci + 1)
-            for ent in ents.tolist():
-                host, size = parse_descriptor(ent, cb)
-                blobs.append(d.file.pread(host, size))
+            where += [parse_descriptor(ent, cb) for ent in ents.tolist()]
             ci += len(ents)
-    out = bytearray()
-    for blob in blobs:
-        out += decompress_cluster(blob, cs, ctype)
+        lo = min(h for h, _ in where)
+        hi = max(h + n for h, n in where)
+        if hi - lo <= 2 * sum(n for _, n in where) + 65536:
+            span = memoryview(d.file.pread(lo, hi - lo))
+            blobs = [span[h - lo:h - lo + n] for h, n in where]
+        else:
+            blobs = [d.file.pread(h, n) for h, n in where]
+    out = bytearray((last - first + 1) * cs)
+    for i, blob in enumerate(blobs):
+        out[i * cs:(i + 1) * cs] = decompress_cluster(blob, cs, ctype)
     start = offset - (first << cb)
     return out[start:start + length] if start or len(out) != length else out
 
