@@ -344,3 +344,12 @@ def test_apply_grows_and_shrinks_l1(tmp_path: Path) -> None:
     q, p = _both(base, [["-a", "s"], ["-a", "t"], ["-a", "s"]])
     assert p.read_bytes() == q.read_bytes()
     assert run_qemu("check", str(p)).returncode == 0
+
+
+def test_apply_refused_with_bitmaps(tmp_path: Path) -> None:
+    base = tmp_path / "bm.qcow2"
+    assert run_qemu("create", "-q", "-f", "qcow2", str(base), "4M").returncode == 0
+    assert run_qemu("bitmap", "--add", str(base), "b0").returncode == 0
+    _qio(base, "write 0 64k")
+    q, p = _both(base, [["-c", "s"], ["-a", "s"], ["-a", "nope"], ["-d", "s"]])
+    assert _masked(p) == _masked(q)

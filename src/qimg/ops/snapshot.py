@@ -50,6 +50,14 @@ def create(img: Any, name: str, now_us: int | None = None) -> None:
 def apply(img: Any, name: str) -> None:
     """Revert the image to the snapshot with ID or else name ``name``."""
     drv = img.driver
+    if getattr(drv, "supports_bitmaps", False):
+        # bdrv_snapshot_goto refuses before looking at the snapshots
+        try:
+            bitmaps = drv.dirty_bitmaps().bitmaps
+        except QimgError:
+            bitmaps = []
+        if bitmaps:
+            raise QimgError(f"Could not apply snapshot '{name}': Device has active dirty bitmaps")
     if not drv.supports_snapshots:
         raise QimgError(f"Could not apply snapshot '{name}': Block driver does not support snapshots")
     try:

@@ -507,7 +507,9 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2 import snapshot
 
         try:
-            if name is None and not exact and snapshot_id is not None:
+            if snapshot_id is None and name is None:
+                raise QimgError("snapshot_id and name are both NULL")
+            if name is None and not exact:
                 try:
                     snapshot.load_tmp(self, snapshot_id, None)
                 except snapshot.SnapshotErrno as e:
