@@ -86,9 +86,29 @@ def write_header(d: "Qcow2Driver") -> None:
     """Rewrite the header cluster from d.header (qcow2_update_header)."""
     h = d.header
     cs = d.cluster_size
-    buf = h.pack(include_feature_table=cs > 4096)
+    buf = _pack_v2_keeping_bitmaps(h) if h.version == 2 and h.bitmaps_ext else \
+        h.pack(include_feature_table=cs > 4096)
     d.file.pwrite(0, buf + bytes(cs - len(buf)))
     d.file.flush()
+
+
+def _pack_v2_keeping_bitmaps(h: H.QCowHeader) -> bytes:
+    """A v2 header that keeps the bitmaps extension, as QEMU writes it after
+    a downgrade (the cleared autoclear bit makes readers ignore it)."""
+    import struct
+
+    def ext(etype: int, data: bytes) -> bytes:
+        return struct.pack(">II", etype, len(data)) + data + bytes(-len(data) % 8)
+
+    exts = ext(H.EXT_BACKING_FORMAT, h.backing_format.encode()) if h.backing_format else b""
+    exts += ext(H.EXT_BITMAPS, h.bitmaps_ext or b"") + bytes(8)
+    name = h.backing_file.encode() if h.backing_file else b""
+    h.backing_file_offset = H.V2_HEADER_LENGTH + len(exts) if name else 0
+    h.backing_file_size = len(name)
+    head = H.V2_HEADER.pack(H.QCOW_MAGIC, 2, h.backing_file_offset, h.backing_file_size, h.cluster_bits,
+                            h.size, h.crypt_method, h.l1_size, h.l1_table_offset, h.refcount_table_offset,
+                            h.refcount_table_clusters, h.nb_snapshots, h.snapshots_offset)
+    return head + exts + name
 
 
 # ---- option parsing ------------------------------------------------------------------
@@ -214,8 +234,11 @@ def _downgrade(d: "Qcow2Driver", helper: _Helper) -> None:
     h.incompatible_features = 0
     h.version = 2
     h.header_length = H.V2_HEADER_LENGTH
-    h.bitmaps_ext = None
     write_header(d)
+    # v2 cannot hold persistent bitmaps: QEMU stores nothing more on close,
+    # leaving the extension that readers now ignore
+    if getattr(d, "_bitmaps", None) is not None:
+        d._bitmaps = None
 
 
 def _has_compressed_clusters(d: "Qcow2Driver") -> bool:
