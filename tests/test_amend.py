@@ -182,3 +182,24 @@ def test_downgrade_expands_zero_clusters_in_snapshots(tmp_path, backing, later_w
     assert (a / "img").read_bytes() == (b / "img").read_bytes()
     assert _info(b / "img") == _info(a / "img")
     assert run_qemu("check", str(b / "img")).returncode == (2 if later_writes else 0)
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "refcount_bits=1", "lazy_refcounts=on"])
+def test_image_with_bitmap(tmp_path, opts):
+    """A persistent bitmap survives amend on v3; a downgrade keeps its
+    extension (now ignored) and leaks its clusters, as qemu-img does."""
+    a, b = tmp_path / "qemu", tmp_path / "qimg"
+    a.mkdir()
+    img = str(a / "img")
+    assert run_qemu("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "1M").returncode == 0
+    run_qemu_io("-c", "write -P 1 0 64k", img)
+    assert run_qemu("bitmap", "--add", img, "b0").returncode == 0
+    run_qemu_io("-c", "write -P 2 100k 8k", img)
+    shutil.copytree(a, b, dirs_exist_ok=True)
+    theirs = run_qemu("amend", "-o", opts, "img", cwd=str(a))
+    mine = run_qimg("amend", "-o", opts, "img", cwd=str(b))
+    assert (mine.stdout, mine.stderr, mine.returncode) == (theirs.stdout, theirs.stderr, theirs.returncode)
+    assert _info(b / "img") == _info(a / "img")
+    ca, cb = run_qemu("check", str(a / "img")), run_qemu("check", str(b / "img"))
+    assert cb.returncode == ca.returncode
+    assert cb.stdout.splitlines()[:2] == ca.stdout.splitlines()[:2]
