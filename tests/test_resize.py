@@ -96,7 +96,7 @@ def test_qcow2_with_snapshot(tmp_path, args):
 RAW_CASES = [
     ["-f", "raw", "img", "+1M"], ["img", "+1M"], ["-f", "raw", "img", "1000"], ["-f", "raw", "--shrink", "img", "1000"],
     ["-f", "raw", "--preallocation=falloc", "img", "3M"], ["-f", "raw", "--preallocation=full", "img", "3M"],
-    ["-f", "raw", "--shrink", "img", "--", "-100k"],
+    ["-f", "raw", "--shrink", "img", "--", "-100k"], ["-f", "raw", "--preallocation=metadata", "img", "+1M"],
 ]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from qimg.block.driver import Driver
 from qimg.block.options import SIZE, STRING, OptionSpec
 from qimg.block.status import ALLOCATED, DATA, EOF, OFFSET_VALID, ZERO, Extent
-from qimg.errors import QimgError
+from qimg.errors import QimgError, UnsupportedError
 from qimg.protocols.file import File
 
 PREALLOC_MODES = ("off", "falloc", "full")
@@ -69,5 +69,8 @@ class RawDriver(Driver):
         self.file.write_zeroes(offset, length)
 
     def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
+        if prealloc not in PREALLOC_MODES:
+            # file-posix's wording (raw_co_truncate)
+            raise UnsupportedError(f"Unsupported preallocation mode: {prealloc}")
         self.file.truncate(size, prealloc)
         self.size = size
