@@ -135,3 +135,15 @@ def test_compressed_qcow2_source_identical(tmp_path, src, ctype):
     for fmt in ("raw", "qcow2"):
         mine, theirs = _both(tmp_path, ["convert", "-f", "qcow2", "-O", fmt, q], fmt)
         assert mine == theirs
+
+
+@needs_qemu
+@pytest.mark.parametrize("extra", [[], ["-S", "0"], ["-o", "cluster_size=4096"]])
+def test_compressed_output_identical(tmp_path, src, extra):
+    """-c: several clusters read and compressed per worker task, placed in
+    guest order (zero clusters between them left out)."""
+    odd = str(tmp_path / "odd.raw")
+    with open(src, "rb") as f, open(odd, "wb") as g:
+        g.write(f.read(5 * MiB + 4096 + 512))  # ends inside a cluster
+    mine, theirs = _both(tmp_path, ["convert", "-c", "-f", "raw", "-O", "qcow2", *extra, odd], "qcow2")
+    assert mine == theirs

@@ -45,6 +45,8 @@ SWITCH_INTERVAL = 0.001
 READ_AHEAD = 3
 #: plain data lying in a row in the source file is read this much at a time
 BATCH_BYTES = 4 << 20
+#: clusters one worker reads and compresses in one task
+COMPRESS_BATCH = 16
 WORKERS = max(2, min(4, os.cpu_count() or 1))
 
 
@@ -300,7 +302,7 @@ def run(job: CopyJob) -> None:
     # directly.  Other formats get their writes from this thread, in order.
     direct = job.target.format == "raw" and compressor is None
     # compressed chunks are single clusters: keep many in flight
-    ahead = READ_AHEAD * 8 if compressor is not None else READ_AHEAD
+    ahead = 2 * WORKERS + 2 if compressor is not None else READ_AHEAD
     bufs = None if compressor is not None else _BufferPool(max(BATCH_BYTES, job.buf_sectors * SECTOR), ahead + 2)
     writer = None
     # Threads waiting for the GIL after their I/O returns (the writer
@@ -437,7 +439,10 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                     fut = None
                     if chunk.status == BLK_DATA:
                         if compressor is not None:
-                            fut = compressor.submit(pool, pool.submit(_read_chunk, job, chunk, locks))
+                            # a few clusters per task: fewer hand-overs
+                            carry, exhausted = _extend_group(group, it, COMPRESS_BATCH * chunk.sectors * SECTOR,
+                                                             contiguous=False)
+                            fut = pool.submit(_compress_group, job, group, locks, compressor)
                         else:
                             if chunk.host is not None and bufs is not None:
                                 carry, exhausted = _extend_group(group, it, bufs.size)
@@ -455,7 +460,8 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                             done += chunk.sectors
                             job.progress(100.0 * done / total_alloc)
                     if compressor is not None:
-                        _write_chunk(job, group[0], result, compressor)
+                        for chunk, part in zip(group, result if result is not None else [None]):
+                            _write_chunk(job, chunk, part, compressor)
                     continue
                 buf, parts = result if result is not None else (None, [None])
                 for chunk, part in zip(group, parts):
@@ -479,7 +485,13 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                 bufs.close()
 
 
-def _extend_group(group: list[Chunk], it: Iterator[Chunk], limit: int) -> tuple["Chunk | None", bool]:
+def _compress_group(job: CopyJob, group: list[Chunk], locks: list, compressor: "_Compressor") -> list:
+    """Worker: read and compress a few clusters (zlib and zstd release the GIL)."""
+    return [compressor.work(_read_chunk(job, chunk, locks)) for chunk in group]
+
+
+def _extend_group(group: list[Chunk], it: Iterator[Chunk], limit: int,
+                  contiguous: bool = True) -> tuple["Chunk | None", bool]:
     """Append to ``group`` the chunks that follow it in the source file, up
     to ``limit`` bytes in all, so one worker reads them in one go (fewer
     hand-overs between threads; each chunk is still classified and written
@@ -492,8 +504,8 @@ def _extend_group(group: list[Chunk], it: Iterator[Chunk], limit: int) -> tuple[
             return None, True
         last = group[-1]
         nbytes = nxt.sectors * SECTOR
-        if (nxt.status != BLK_DATA or nxt.host is None or nxt.src != last.src
-                or nxt.host != last.host + last.sectors * SECTOR or size + nbytes > limit):
+        if nxt.status != BLK_DATA or size + nbytes > limit or (contiguous and (
+                nxt.host is None or nxt.src != last.src or nxt.host != last.host + last.sectors * SECTOR)):
             return nxt, False
         group.append(nxt)
         size += nbytes
@@ -725,20 +737,16 @@ class _Compressor:
         if self.raw_writer is None:
             self.fn = None
 
-    def submit(self, pool: ThreadPoolExecutor, read: Future) -> Future:
-        if self.fn is None:
-            return read
-        cluster_size = self.cluster_size
+    def work(self, data):
+        """Worker side of one cluster: what ``place`` gets."""
         fn = self.fn
-
-        def work() -> tuple[bytearray, bytes | None, bool]:
-            data = read.result()
-            if self.sparse and is_zero(data):
-                return data, None, True
-            padded = data if len(data) == cluster_size else data + bytes(cluster_size - len(data))
-            return data, fn(bytes(padded), cluster_size), False
-
-        return pool.submit(work)
+        if fn is None:
+            return data
+        cluster_size = self.cluster_size
+        if self.sparse and is_zero(data):
+            return data, None, True
+        padded = data if len(data) == cluster_size else data + bytes(cluster_size - len(data))
+        return data, fn(bytes(padded), cluster_size), False
 
     def place(self, job: CopyJob, chunk: Chunk, result) -> None:
         offset = chunk.sector * SECTOR
