@@ -132,7 +132,8 @@ def test_more_refcount_blocks(tmp_path):
 @pytest.mark.parametrize("args", [
     ["-o", "help", "img"], ["-f", "qcow2", "-o", "help"], ["-f", "raw", "-o", "help"], ["-f", "vdi", "-o", "?"],
     ["-f", "nosuch", "-o", "help"], ["img"], [], ["-o", "compat=1.1"], ["-o", "compat=1.1", "img", "img"],
-    ["-t", "bogus", "-o", "compat=1.1", "img"], ["-q", "-p", "-o", "compat=1.1", "img"],
+    ["-t", "bogus", "-o", "compat=1.1", "img"], ["-t", "off", "-o", "compat=1.1", "img"],
+    ["--image-opts", "-o", "compat=0.10", "driver=qcow2,file.filename=img"], ["-q", "-p", "-o", "compat=1.1", "img"],
     ["-f", "raw", "-o", "size=2M", "img"], ["-o", "size=2M", "missing"], ["-x", "-o", "compat=1.1", "img"],
     ["-o", "compat=1.1", "-o", "lazy_refcounts=on", "img"],
 ])

@@ -7,12 +7,10 @@ import sys
 
 from qimg.block.options import split_options
 from qimg.cli import args
-from qimg.cli.common import add_object, open_image
+from qimg.cli.common import add_object, check_cache, open_image
 from qimg.errors import QimgError
 from qimg.ops import amend as ops_amend
 from qimg.ops.progress import Progress
-
-CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
 def _has_help(options: str) -> bool:
@@ -75,8 +73,7 @@ def _amend(prog: str, fmt: str | None, cache: str, options: str, operands: list[
         return 0
     if len(operands) != 1:
         raise QimgError("Expecting one image file name")
-    if cache not in CACHE_MODES:
-        raise QimgError(f"Invalid cache option: {cache}")
+    check_cache(cache)
     img = open_image(operands[0], fmt, read_only=False, use_image_opts=use_image_opts)
     try:
         if _has_help(options):
