@@ -8,6 +8,7 @@ the map equal.  Snapshots made by either program are read by the other.
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -51,10 +52,7 @@ def _masked(path: Path) -> bytes:
 
 def _list_masked(text: bytes) -> bytes:
     """``snapshot -l`` / info text without the DATE column."""
-    out = []
-    for line in text.decode().splitlines():
-        out.append(line[:38] + line[58:] if len(line) > 58 else line)
-    return "\n".join(out).encode()
+    return re.sub(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", b"DATE", text)
 
 
 def _make(tmp: Path, name: str, *opts: str) -> Path:
@@ -353,3 +351,13 @@ def test_apply_refused_with_bitmaps(tmp_path: Path) -> None:
     _qio(base, "write 0 64k")
     q, p = _both(base, [["-c", "s"], ["-a", "s"], ["-a", "nope"], ["-d", "s"]])
     assert _masked(p) == _masked(q)
+
+
+def test_refcount_overflow_midway_as_qemu(tmp_path: Path) -> None:
+    """With 2-bit refcounts the updates overflow part of the way through:
+    the references counted before stay, as qemu-img leaves them."""
+    base = _make(tmp_path, "r2.qcow2", "-o", "cluster_size=4096,refcount_bits=2")
+    q, p = _both(base, SCENARIO[:6])
+    assert _masked(p) == _masked(q)
+    cq, cp = run_qemu("check", str(q)), run_qemu("check", str(p))
+    assert (cp.returncode, cp.stdout, cp.stderr) == (cq.returncode, cq.stdout, cq.stderr)

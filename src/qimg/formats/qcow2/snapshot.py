@@ -370,7 +370,7 @@ def _corrupt(d: "Qcow2Driver", message: str) -> None:
     raise SnapshotErrno(5)
 
 
-def _compressed_clusters(entries: "np.ndarray", cb: int) -> "list[np.ndarray]":
+def _compressed_clusters(entries: "np.ndarray", cb: int, keep: bool = False) -> list:
     """Host clusters each compressed descriptor's bytes touch (one, two or
     three per descriptor: a reference for each, as QEMU counts them)."""
     import numpy as np
@@ -383,10 +383,66 @@ def _compressed_clusters(entries: "np.ndarray", cb: int) -> "list[np.ndarray]":
     size = (((entries >> u64(shift)) & u64(mask)) + u64(1)) * u64(512) - (host & u64(511))
     first = host >> u64(cb)
     last = (host + size - u64(1)) >> u64(cb)
-    out = [first]
+    out: list = [first]
     for k in (1, 2):
-        out.append(first[first + u64(k) <= last] + u64(k))
+        sel = first + u64(k) <= last
+        # with ``keep``: (clusters, which descriptors they belong to)
+        out.append((first[sel] + u64(k), sel) if keep else first[sel] + u64(k))
     return out
+
+
+def _first_refused(d: "Qcow2Driver", cl: "np.ndarray", addend: int) -> tuple[int, int] | None:
+    """(index, errno) of the first update in ``cl`` (one cluster each, in
+    order) that QEMU refuses: a cluster without a refcount block (EAGAIN,
+    after QEMU placed one) or a refcount out of range (EINVAL); or None."""
+    import numpy as np
+
+    if not len(cl):
+        return None
+    refs = d.refs
+    ti = (cl >> np.uint64(refs.block_bits)).astype(np.int64)
+    inside = ti < len(refs.table)
+    missing = ~inside
+    missing[inside] = (refs.table[ti[inside]] & np.uint64(0xFFFFFFFFFFFFFE00)) == 0
+    uniq, inv = np.unique(cl, return_inverse=True)
+    cur = _refcounts_of(refs, uniq).astype(np.int64)
+    order = np.argsort(inv, kind="stable")
+    grouped = inv[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.empty(len(cl), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - group_start + 1
+    new = cur[inv] + rank * addend
+    bad = (new < 0) | (new > refs.max) | missing
+    if not bad.any():
+        return None
+    first = int(np.argmax(bad))
+    return first, 11 if missing[first] else 22
+
+
+def _set_copied(d: "Qcow2Driver", off: int, limit: int) -> None:
+    """QCOW_OFLAG_COPIED on the first ``limit`` entries of an L2 table:
+    set exactly where the cluster's refcount is 1."""
+    import numpy as np
+
+    from qimg.formats.qcow2 import cluster as C
+
+    u64 = np.uint64
+    copied = u64(C.QCOW_OFLAG_COPIED)
+    m = d.map
+    tab = m.l2_table(off)
+    part = tab[:limit]
+    kinds = C.classify(part)
+    want = part & ~copied
+    pi = np.flatnonzero((kinds == C.NORMAL) | (kinds == C.ZERO_ALLOC))
+    if len(pi):
+        hosts = (part[pi] & u64(C.L2E_OFFSET_MASK)) >> u64(d.cluster_bits)
+        uniq, inv = np.unique(hosts, return_inverse=True)
+        rc = _refcounts_of(d.refs, uniq)[inv]
+        want[pi[rc == 1]] |= copied
+    if not np.array_equal(want, part):
+        tab[:limit] = want
+        m.mark_dirty(off)
 
 
 def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
@@ -411,8 +467,11 @@ def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
     if len(bad):
         _corrupt(d, f"L2 table offset {_hx(int(l2_offsets[bad[0]]))} unaligned (L1 index: {_hx(int(used[bad[0]]))})")
     if addend:
-        parts = [l2_offsets >> u64(cb)]
-        for off in l2_offsets.tolist():
+        # QEMU's order of reference updates: each L2 table's entries, then
+        # the table itself; a refused update stops there, keeping the ones
+        # before it (and their flags), as qemu-img leaves the image.
+        ev_cl, ev_call = [], []
+        for t, off in enumerate(l2_offsets.tolist()):
             tab = m.l2_table(off)
             kinds = C.classify(tab)
             pi = np.flatnonzero((kinds == C.NORMAL) | (kinds == C.ZERO_ALLOC))
@@ -421,33 +480,45 @@ def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
             if len(bad):
                 _corrupt(d, f"Cluster allocation offset {_hx(int(plain[bad[0]]))} unaligned "
                             f"(L2 offset: {_hx(off)}, L2 index: {_hx(int(pi[bad[0]]))})")
-            parts.append(plain >> u64(cb))
-            comp = tab[kinds == C.COMPRESSED]
-            if len(comp):
-                parts.extend(_compressed_clusters(comp, cb))
-        idx, counts = np.unique(np.concatenate(parts).astype(u64), return_counts=True)
+            js, cls = [pi], [plain >> u64(cb)]
+            ci = np.flatnonzero(kinds == C.COMPRESSED)
+            if len(ci):
+                first, *more = _compressed_clusters(tab[ci], cb, keep=True)
+                js.append(ci)
+                cls.append(first)
+                for extra in more:
+                    js.append(ci[extra[1]])
+                    cls.append(extra[0])
+            j = np.concatenate(js).astype(np.int64)
+            c = np.concatenate(cls).astype(u64)
+            order = np.argsort(j, kind="stable")
+            ev_call.append(t * (m.l2_size + 1) + np.append(j[order], m.l2_size))
+            ev_cl.append(np.append(c[order], u64(off >> cb)))
+        cl = np.concatenate(ev_cl).astype(u64) if ev_cl else np.zeros(0, dtype=u64)
+        call = np.concatenate(ev_call) if ev_call else np.zeros(0, dtype=np.int64)
+        fail = _first_refused(d, cl, addend)
+        limit = None
+        if fail is not None:
+            fail_call = int(call[fail[0]])
+            cl = cl[call < fail_call]
+            limit = divmod(fail_call, m.l2_size + 1)
+        idx, counts = np.unique(cl, return_counts=True)
         gone = _add_refs(d, idx, counts, addend)
         if freed is not None:
             freed.append(gone)
+        if limit is not None:
+            t_fail, j_fail = limit
+            for t, off in enumerate(l2_offsets.tolist()[:t_fail + 1]):
+                _set_copied(d, off, j_fail if t == t_fail else m.l2_size)
+            d.flush_metadata()
+            raise SnapshotErrno(fail[1])
     # QCOW_OFLAG_COPIED from the new refcounts
     l2_rc = _refcounts_of(d.refs, np.unique(l2_offsets >> u64(cb)))
     l2_rc_map = dict(zip(np.unique(l2_offsets >> u64(cb)).tolist(), l2_rc.tolist()))
     for off in l2_offsets.tolist():
         if l2_rc_map[off >> cb] == 0:
             continue  # freed: nothing more to write there
-        tab = m.l2_table(off)
-        kinds = C.classify(tab)
-        plain = (kinds == C.NORMAL) | (kinds == C.ZERO_ALLOC)
-        want = tab & ~copied
-        pi = np.flatnonzero(plain)
-        if len(pi):
-            hosts = (tab[pi] & u64(C.L2E_OFFSET_MASK)) >> u64(cb)
-            uniq, inv = np.unique(hosts, return_inverse=True)
-            rc = _refcounts_of(d.refs, uniq)[inv]
-            want[pi[rc == 1]] |= copied
-        if not np.array_equal(want, tab):
-            tab[:] = want
-            m.mark_dirty(off)
+        _set_copied(d, off, m.l2_size)
     rcs = np.array([l2_rc_map[int(o) >> cb] for o in l2_offsets.tolist()], dtype=u64)
     l1[used] = np.where(rcs == 1, l2_offsets | copied, l2_offsets)
     return l1
