@@ -13,6 +13,16 @@ then recompute QCOW_OFLAG_COPIED (set only where the refcount is exactly 1),
 as QEMU's qcow2_update_snapshot_refcount.  The refcount work is done on
 numpy arrays, one L2 table at a time; this module imports numpy lazily so
 that ``qimg info`` (which parses the table) never loads it.
+
+Order on disk, as QEMU's, so that a crash leaves at worst leaked clusters:
+create writes the L1 copy, adds the references, then writes the new table
+and only then the header pointer; apply counts the snapshot's references
+before it overwrites the active L1 and drops the old ones after; delete
+takes the snapshot out of the table before dropping its references.  A
+reference update QEMU refuses (refcount overflow with narrow refcounts)
+stops where QEMU stops, keeping the earlier updates, so that images end up
+byte for byte as qemu-img leaves them.  Freed clusters are punched in the
+file (QEMU's pass-discard-snapshot).
 """
 
 from __future__ import annotations
@@ -615,7 +625,8 @@ def goto(d: "Qcow2Driver", id_or_name: str) -> None:
         except SnapshotErrno:
             raise
         except QimgError as e:
-            raise SnapshotErrno(getattr(e, "errno", 22), e.message + "\n" + os.strerror(getattr(e, "errno", 22))) from None
+            err = getattr(e, "errno", 22)
+            raise SnapshotErrno(err, e.message + "\n" + os.strerror(err)) from None
     d.flush_metadata()
     from qimg.formats.qcow2 import io
 
