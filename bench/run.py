@@ -113,17 +113,37 @@ def build_rebase_inputs(work: str, raw: str) -> None:
     subprocess.run(["qemu-io", "-f", "qcow2", *cmds, q("rb_overlay.qcow2")], check=True, stdout=subprocess.DEVNULL)
 
 
+def fresh_venv(work: str) -> list[str]:
+    """qimg installed (not editable) in a virtual environment of its own, so
+    start-up is measured as a user gets it, without this machine's site
+    packages and their .pth hooks."""
+    venv = os.path.join(work, "venv")
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([python, "-m", "pip", "install", "-q", repo], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", repo], check=True)
+    return [python, "-m", "qimg"]
+
+
 def main() -> int:
+    global QIMG
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/dev/shm/qimg-bench", help="work directory (tmpfs recommended)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--payload-mb", type=int, default=700, help="MB of real files in the file system")
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
+    ap.add_argument("--no-venv", action="store_true",
+                    help="run qimg from this interpreter instead of a fresh virtual environment")
     args = ap.parse_args()
     if not shutil.which("qemu-img"):
         print("qemu-img is not installed: apt-get install qemu-utils", file=sys.stderr)
         return 2
     os.makedirs(args.dir, exist_ok=True)
+    if not args.no_venv:
+        QIMG = fresh_venv(args.dir)
     raw = build_fs_image(args.dir, args.payload_mb)
     q = lambda n: os.path.join(args.dir, n)  # noqa: E731
     # Inputs made by qemu-img, so both programs read the same bytes.
