@@ -54,6 +54,8 @@ class File:
             raise QimgError(f"'file' driver requires '{filename}' to be a regular file")
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._can_punch = True
+        #: (start, end, is_data, (mtime, size)) of the last extent found (read-only files)
+        self._extent: tuple[int, int, bool, tuple[int, int]] | None = None
 
     # ---- size -------------------------------------------------------------
     @property
@@ -189,8 +191,19 @@ class File:
         """(is_data, run_length) for the run at ``offset`` within ``length``.
 
         Uses SEEK_DATA/SEEK_HOLE; where the host cannot tell, all is data.
+        A read-only file remembers the last extent found: a copy asks about
+        each request in turn, and seeking for the end of a long data run
+        again for every request costs as much as reading it on tmpfs.
         """
         end = offset + length
+        known = self._extent
+        stamp = None
+        if self.read_only:
+            # a write through another handle to the file drops what we know
+            st = os.fstat(self.fd)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if known is not None and known[3] == stamp and known[0] <= offset < known[1]:
+                return known[2], min(known[1], end) - offset
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as e:
@@ -198,11 +211,15 @@ class File:
                 return False, length
             return True, length
         if data > offset:
+            if stamp is not None:
+                self._extent = (offset, data, False, stamp)
             return False, min(data, end) - offset
         try:
             hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         except OSError:
             return True, length
+        if stamp is not None and hole > offset:
+            self._extent = (offset, hole, True, stamp)
         return True, max(1, min(hole, end) - offset)
 
     def __enter__(self) -> "File":

@@ -57,6 +57,17 @@ def _drain(d: "Qcow2Driver") -> None:
 def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
     _drain(d)
     length = max(0, min(length, d.size - offset))
+    cb, cs = d.cluster_bits, d.cluster_size
+    if length:
+        # One run of plain data or of zeroes (the usual case): no zeroed
+        # buffer to fill and copy again.
+        ci = offset >> cb
+        kind, n, first = d.map.run(ci, ((offset + length - 1) >> cb) - ci + 1)
+        if offset + length <= (ci + n) << cb:
+            if kind == NORMAL:
+                return d.file.pread((first & L2E_OFFSET_MASK) + (offset & (cs - 1)), length)
+            if kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED and d.backing is None):
+                return bytes(length)
     out = bytearray(length)
     view = memoryview(out)
     cb, cs = d.cluster_bits, d.cluster_size
