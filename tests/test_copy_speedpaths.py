@@ -147,3 +147,28 @@ def test_compressed_output_identical(tmp_path, src, extra):
         g.write(f.read(5 * MiB + 4096 + 512))  # ends inside a cluster
     mine, theirs = _both(tmp_path, ["convert", "-c", "-f", "raw", "-O", "qcow2", *extra, odd], "qcow2")
     assert mine == theirs
+
+
+def test_read_only_file_extent_memory_follows_writes(tmp_path):
+    """The remembered SEEK_DATA/SEEK_HOLE extent of a read-only file is
+    forgotten once the file changes through another handle."""
+    import time
+
+    from qimg.protocols.file import File
+
+    path = str(tmp_path / "f.raw")
+    with open(path, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"\1" * MiB)
+    ro = File(path)
+    assert ro.data_extent(0, 4 * MiB) == (False, MiB)
+    assert ro.data_extent(MiB // 2, 4 * MiB) == (False, MiB // 2)
+    assert ro.data_extent(MiB, 4 * MiB) == (True, MiB)
+    assert ro.data_extent(MiB + 4096, 8192) == (True, 8192)
+    time.sleep(0.05)  # let the file's mtime move on
+    with open(path, "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"\2" * MiB)
+    assert ro.data_extent(MiB + 4096, 4 * MiB) == (True, 2 * MiB - 4096)
+    ro.close()
