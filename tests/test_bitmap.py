@@ -387,3 +387,39 @@ def test_bitmaps_without_autoclear_bit(tmp_path: Path, compat: str) -> None:
         run_qimg("bitmap", "--add", "b.qcow2", "c", cwd=str(tmp_path))
         assert _view(tmp_path, ["b.qcow2"]) == [
             (dict(v[0], filename="b.qcow2"), *v[1:]) for v in _view(tmp_path, ["a.qcow2"])]
+
+
+def _chain(d: Path) -> None:
+    """base (bitmap "bb", dirty) under top (bitmap "tb" at 4k, dirty), by QEMU."""
+    d.mkdir()
+    q = lambda *a: run_qemu(*a, cwd=str(d))  # noqa: E731
+    q("create", "-f", "qcow2", "base.qcow2", SIZE)
+    q("bitmap", "--add", "base.qcow2", "bb")
+    run_qemu_io("-c", "write 0 64k", str(d / "base.qcow2"))
+    q("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    q("bitmap", "--add", "-g", "4k", "top.qcow2", "tb")
+    q("bitmap", "--add", "--disable", "top.qcow2", "off")
+    run_qemu_io("-c", "write 1M 8k", "-c", "write -z 2M 64k", str(d / "top.qcow2"))
+
+
+@pytest.mark.parametrize("args", [
+    ["commit", "top.qcow2"],
+    ["resize", "top.qcow2", "8M"],
+    ["resize", "--shrink", "top.qcow2", "2M"],
+    ["rebase", "-b", "", "top.qcow2"],
+    ["convert", "-n", "-O", "qcow2", "base.qcow2", "top.qcow2"],
+    ["convert", "--bitmaps", "-O", "qcow2", "top.qcow2", "new.qcow2"],
+    ["bitmap", "--add", "--merge", "tb", "--clear", "-g", "1k", "top.qcow2", "x"],
+    ["bitmap", "--merge", "bb", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "off"],
+], ids=lambda a: " ".join(a)[:60])
+def test_writers_keep_bitmaps_byte_identical(tmp_path: Path, args: list[str]) -> None:
+    """Commands that write into images with bitmaps leave the very bytes
+    qemu-img leaves: same bits, same clusters, same directory."""
+    a, b = tmp_path / "qemu", tmp_path / "qimg"
+    _chain(a)
+    shutil.copytree(a, b)
+    theirs, mine = run_qemu(*args, cwd=str(a)), run_qimg(*args, cwd=str(b))
+    assert (mine.returncode, mine.stdout, mine.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
+    for f in sorted(os.listdir(a)):
+        assert (b / f).read_bytes() == (a / f).read_bytes(), f
+        assert run_qemu("check", f, cwd=str(b)).returncode == 0
