@@ -361,3 +361,14 @@ def test_refcount_overflow_midway_as_qemu(tmp_path: Path) -> None:
     assert _masked(p) == _masked(q)
     cq, cp = run_qemu("check", str(q)), run_qemu("check", str(p))
     assert (cp.returncode, cp.stdout, cp.stderr) == (cq.returncode, cq.stdout, cq.stderr)
+
+
+@needs_qemu
+def test_list_pads_utf8_names_by_bytes(tmp_path):
+    # printf pads %-16s by bytes, so a non-ASCII tag shifts the columns.
+    path = str(tmp_path / "u.qcow2")
+    assert run_qemu("create", "-q", "-f", "qcow2", path, "1M").returncode == 0
+    for name in ("héllo", "abc"):
+        assert run_qemu("snapshot", "-c", name, path).returncode == 0
+    assert_same(["snapshot", "-l", path], str(tmp_path))
+    assert_same(["info", path], str(tmp_path))

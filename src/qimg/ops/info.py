@@ -186,9 +186,16 @@ def snapshot_table(snapshots: list[dict[str, Any]]) -> str:
         msec = sn.get("vm-clock-nsec", 0) // 1_000_000 % 1000
         clock = "%02d:%02d:%02d.%03d" % (secs // 3600, secs // 60 % 60, secs % 60, msec)
         icount = str(sn["icount"]) if "icount" in sn else ""
-        lines.append("%-9s %-16s %8s%20s%13s%11s" % (
-            sn.get("id", ""), sn.get("name", ""), size_to_str(sn.get("vm-state-size", 0)), date, clock, icount))
+        lines.append("%s %s %8s%20s%13s%11s" % (
+            _ljust_bytes(sn.get("id", ""), 9), _ljust_bytes(sn.get("name", ""), 16),
+            size_to_str(sn.get("vm-state-size", 0)), date, clock, icount))
     return "".join(line + "\n" for line in lines)
+
+
+def _ljust_bytes(text: str, width: int) -> str:
+    """printf's %-Ns pads by bytes, not characters: a UTF-8 name takes
+    the width of its encoding."""
+    return text + " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
 
 
 def human_info(data: dict[str, Any] | list[dict[str, Any]]) -> str:
