@@ -301,7 +301,7 @@ def run(job: CopyJob) -> None:
     # A raw target has no allocation order to keep: workers write to it
     # directly.  Other formats get their writes from this thread, in order.
     direct = job.target.format == "raw" and compressor is None
-    # compressed chunks are single clusters: keep many in flight
+    # compressed work goes COMPRESS_BATCH clusters per task: two per worker in flight
     ahead = 2 * WORKERS + 2 if compressor is not None else READ_AHEAD
     bufs = None if compressor is not None else _BufferPool(max(BATCH_BYTES, job.buf_sectors * SECTOR), ahead + 2)
     writer = None
