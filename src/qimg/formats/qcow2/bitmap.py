@@ -226,9 +226,21 @@ def check_new(d: "Qcow2Driver", name: str, granularity: int) -> str | None:
 # ---- in-memory bitmaps ---------------------------------------------------------
 
 
+def _packed_len(nbits: int) -> int:
+    return (nbits + 7) >> 3
+
+
+def _trim(packed: "np.ndarray", nbits: int) -> "np.ndarray":
+    """Cut ``packed`` to ``nbits`` bits, the bits past the end cleared."""
+    out = packed[:_packed_len(nbits)].copy()
+    if nbits & 7:
+        out[-1] &= (1 << (nbits & 7)) - 1
+    return out
+
+
 class DirtyBitmap:
-    """One bitmap in memory: a bool per granule, loaded from the image on
-    first use."""
+    """One bitmap in memory, packed as in the image (bit k is bit k % 8 of
+    byte k // 8), loaded from the image on first use."""
 
     def __init__(self, store: "BitmapStore", name: str, granularity: int, enabled: bool,
                  entry: DirEntry | None = None, inconsistent: bool = False, readonly: bool = False) -> None:
@@ -251,9 +263,27 @@ class DirtyBitmap:
             self._bits = self.store.load_bits(self) if self.entry is not None else self.store.zeros(self.nbits)
         return self._bits
 
+    def granules(self) -> "np.ndarray":
+        """One bool per granule (for merging and inspection)."""
+        import numpy as np
+
+        return np.unpackbits(self.bits, bitorder="little")[:self.nbits].astype(bool)
+
     def mark(self, offset: int, length: int) -> None:
         g = self.granularity
-        self.bits[offset // g:-(-(offset + length) // g)] = True
+        a, b = offset // g, min(-(-(offset + length) // g), self.nbits)
+        if a >= b:
+            return
+        arr = self.bits
+        first, last = a >> 3, (b - 1) >> 3
+        head = (0xFF << (a & 7)) & 0xFF
+        tail = 0xFF >> (7 - ((b - 1) & 7))
+        if first == last:
+            arr[first] |= head & tail
+        else:
+            arr[first] |= head
+            arr[first + 1:last] = 0xFF
+            arr[last] |= tail
 
     def clear(self) -> None:
         self._bits = self.store.zeros(self.nbits)
@@ -263,15 +293,18 @@ class DirtyBitmap:
         (a destination bit is set where any source bit overlaps it)."""
         import numpy as np
 
-        bits = src.bits
+        if src.granularity == self.granularity:
+            self.bits[:] |= src.bits[:len(self.bits)]
+            return
+        bits = src.granules()
         if src.granularity > self.granularity:
             bits = np.repeat(bits, src.granularity // self.granularity)[:self.nbits]
-        elif src.granularity < self.granularity:
+        else:
             k = self.granularity // src.granularity
             pad = np.zeros(self.nbits * k, dtype=bool)
             pad[:len(bits)] = bits[:len(pad)]
             bits = pad.reshape(-1, k).any(axis=1)
-        self.bits[:] |= bits[:self.nbits]
+        self.bits[:] |= np.packbits(bits, bitorder="little")[:len(self.bits)]
 
 
 class BitmapStore:
@@ -297,7 +330,7 @@ class BitmapStore:
     def zeros(n: int) -> "np.ndarray":
         import numpy as np
 
-        return np.zeros(n, dtype=bool)
+        return np.zeros(_packed_len(n), dtype=np.uint8)
 
     def find(self, name: str) -> DirtyBitmap | None:
         for b in self.bitmaps:
@@ -324,15 +357,14 @@ class BitmapStore:
         bad |= (offs != 0) & (((table & np.uint64(TABLE_ALL_ONES)) != 0) | (offs % np.uint64(cs) != 0))
         if bad.any():
             raise QimgError(f"Could not read bitmap_table table from image for bitmap '{bm.name}': Invalid argument")
-        out = np.zeros(tsize * per, dtype=bool)
+        out = np.zeros(tsize * cs, dtype=np.uint8)
         for i in np.flatnonzero(offs | (table & np.uint64(TABLE_ALL_ONES))):
             off = int(offs[i])
             if off == 0:
-                out[i * per:(i + 1) * per] = True
+                out[i * cs:(i + 1) * cs] = 0xFF
             else:
-                raw = np.frombuffer(d.file.pread(off, cs).ljust(cs, b"\0"), dtype=np.uint8)
-                out[i * per:(i + 1) * per] = np.unpackbits(raw, bitorder="little").astype(bool)
-        return out[:n].copy()
+                out[i * cs:(i + 1) * cs] = np.frombuffer(d.file.pread(off, cs).ljust(cs, b"\0"), dtype=np.uint8)
+        return _trim(out, n)
 
     # ---- writing ---------------------------------------------------------------
     def _mark_in_use(self) -> None:
@@ -381,9 +413,9 @@ class BitmapStore:
         per = cs * 8
         n = bm.nbits
         tsize = -(-n // per)
-        bits = np.zeros(tsize * per, dtype=bool)
-        bits[:n] = bm.bits
-        packed = np.packbits(bits, bitorder="little").reshape(tsize, cs)
+        packed = np.zeros(tsize * cs, dtype=np.uint8)
+        packed[:_packed_len(n)] = bm.bits
+        packed = packed.reshape(tsize, cs)
         table = np.zeros(tsize, dtype=">u8")
         # One cluster per bitmap chunk with a set bit: there are few (one
         # covers cs*8 granules), so allocating them one by one is fine.
@@ -498,10 +530,9 @@ class BitmapStore:
 
         for bm in self.bitmaps:
             old = bm.bits
-            n = bm.nbits
-            new = np.zeros(n, dtype=bool)
-            new[:min(n, len(old))] = old[:n]
-            bm._bits = new
+            new = np.zeros(max(len(old), _packed_len(bm.nbits)), dtype=np.uint8)
+            new[:len(old)] = old
+            bm._bits = _trim(new, bm.nbits)
 
     def mark(self, offset: int, length: int) -> None:
         """A guest write (or zero write, or discard) dirtied this range."""
