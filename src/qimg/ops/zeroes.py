@@ -14,8 +14,19 @@ from __future__ import annotations
 SECTOR = 512
 
 
+def _numpy():
+    """numpy, imported on first use (``info`` never needs it); OpenBLAS is
+    told not to start a thread per core, which we would never use."""
+    import os
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import numpy
+
+    return numpy
+
+
 def _nonzero_sectors(buf: memoryview | bytes | bytearray):  # -> np.ndarray[bool]
-    import numpy as np
+    np = _numpy()
 
     words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, SECTOR // 8)
     # Real data almost always has a non-zero first or last word: look at
@@ -29,7 +40,7 @@ def _nonzero_sectors(buf: memoryview | bytes | bytearray):  # -> np.ndarray[bool
 
 def is_zero(buf: memoryview | bytes | bytearray) -> bool:
     """True when every byte of ``buf`` is zero (qemu's buffer_is_zero)."""
-    import numpy as np
+    np = _numpy()
 
     view = memoryview(buf).cast("B")
     n8 = len(view) // 8 * 8
@@ -45,7 +56,7 @@ def classify(
     runs ``(first_sector, count, is_data)`` relative to the buffer, the way
     qemu-img convert writes them.  ``min_sparse`` and ``alignment`` are in
     sectors (alignment a power of two)."""
-    import numpy as np
+    np = _numpy()
 
     nz = _nonzero_sectors(buf)
     n = len(nz)

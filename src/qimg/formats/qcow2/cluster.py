@@ -8,10 +8,14 @@ million clusters costs a handful of vectorized steps, not a Python loop.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
+# numpy loads OpenBLAS, which starts a thread per core at import; we never
+# use BLAS, and under load those threads cost more CPU than our copy does.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
 
 from qimg.errors import QimgError
 

@@ -8,11 +8,15 @@ of the L2 entries, one refcount update per allocation.
 
 from __future__ import annotations
 
+import os
 import struct
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
+# numpy loads OpenBLAS, which starts a thread per core at import; we never
+# use BLAS, and under load those threads cost more CPU than our copy does.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
 
 from qimg.errors import QimgError, UnsupportedError
 from qimg.formats.qcow2 import compress as Z

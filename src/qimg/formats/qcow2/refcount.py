@@ -13,9 +13,13 @@ driver imports it lazily, when the image is first written).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
-import numpy as np
+# numpy loads OpenBLAS, which starts a thread per core at import; we never
+# use BLAS, and under load those threads cost more CPU than our copy does.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
 
 from qimg.errors import QimgError, UnsupportedError
 
