@@ -25,6 +25,7 @@ from qimg.block.image import Image
 from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO
 from qimg.errors import QimgError
 from qimg.ops.zeroes import classify, is_zero
+from qimg.protocols.file import keep_freed_buffers
 
 SECTOR = 512
 #: qemu-img's IO_BUF_SIZE: the default request size (2 MiB)
@@ -291,6 +292,7 @@ class _BufferPool:
 
 def run(job: CopyJob) -> None:
     """Copy all sources into the target; QimgError/OSError on failure."""
+    keep_freed_buffers()
     locks = [None if img.format == "raw" and img.backing is None else threading.Lock() for img in job.sources]
     chunks: Iterator[Chunk] | list[Chunk] = plan(job, locks)
     total_alloc = 0

@@ -19,6 +19,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from qimg.errors import QimgError, UnsupportedError
+from qimg.protocols.file import keep_freed_buffers
 from qimg.formats.qcow2 import compress as Z
 from qimg.formats.qcow2.cluster import (
     COMPRESSED, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC,
@@ -60,6 +61,8 @@ def _drain(d: "Qcow2Driver") -> None:
 # ---- reading -------------------------------------------------------------------
 def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
     _drain(d)
+    if length >= 1 << 20:
+        keep_freed_buffers()
     length = max(0, min(length, d.size - offset))
     cb, cs = d.cluster_bits, d.cluster_size
     if length:
