@@ -75,7 +75,7 @@ BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
 BME_MAX_PHYS_SIZE = 64 << 20
 BME_MAX_TABLE_SIZE = 0x8000000
 #: bytes of L2 tables read and processed at once
-_BATCH_BYTES = 32 << 20
+_BATCH_BYTES = 8 << 20
 
 _U64 = np.uint64
 
@@ -180,12 +180,22 @@ class RefcountView:
         for index in range(min(len(self.reftable), -(-n // per))):
             start = index * per
             end = min(n, start + per)
-            blk = self._peek(index)
+            blk = self._transient(index)
             if blk is BAD:
                 bad[start:end] = True
             elif blk is not None:
                 values[start:end] = blk[:end - start]  # type: ignore[index]
         return values, bad
+
+    def _transient(self, index: int) -> np.ndarray | str | None:
+        """Like _peek() but a good block not yet cached is decoded without
+        being kept: range() already copies it, and keeping every block of a
+        big image as well would double the memory check needs."""
+        if index not in self._blocks:
+            offset = int(self.reftable[index]) & REFT_OFFSET_MASK
+            if offset and not offset & (self.cluster_size - 1) and io_ok(offset, self.cluster_size):
+                return decode_refblock(self.file.pread(offset, self.cluster_size), self.order)
+        return self._peek(index)
 
     def _peek(self, index: int) -> np.ndarray | str | None:
         """Like block() but without reporting a bad block: compare_refcounts
@@ -596,8 +606,11 @@ class Qcow2Checker:
         """np.bincount of the references, capped at the refcount width with
         QEMU's overflow messages for the references beyond it."""
         refs = np.concatenate(p.refs) if p.refs else np.zeros(0, dtype=np.int64)
+        # the pieces are copied into refs: drop them now (peak memory on big images)
+        p.refs[:] = [refs]
         n = max(nb, int(refs.max()) + 1 if len(refs) else 0)
-        counts = np.bincount(refs, minlength=n).astype(_U64)
+        # counts are never negative: reinterpret in place rather than copy
+        counts = np.bincount(refs, minlength=n).view(_U64)
         if len(refs) and int(counts.max()) > self.refcount_max:
             slots = np.concatenate(p.ref_slots)
             order = np.lexsort((slots, refs))
