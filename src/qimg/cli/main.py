@@ -26,13 +26,21 @@ def prog_name() -> str:
     return name
 
 
-def error(prog: str, message: str, hint: bool = False) -> None:
+def error(prog: str, message: str, hint: bool = False, detail: str = "") -> None:
     """Print an error as error_report does; each line of ``message`` is one
-    report (qemu-img prints multi-line errors as several reports)."""
+    report (qemu-img prints multi-line errors as several reports), then
+    ``detail`` as it is (qemu's hint text carries no program name)."""
     for line in message.split("\n"):
         sys.stderr.write(f"{prog}: {line}\n")
+    sys.stderr.write(detail)
     if hint:
         sys.stderr.write(f"Try '{prog} --help' for more information\n")
+
+
+def report(prog: str, e: QimgError) -> int:
+    """Print a QimgError the one way every command does; return its code."""
+    error(prog, e.message, e.hint, e.full_detail())
+    return e.code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(prog, args)
     except QimgError as e:
-        error(prog, e.message, e.hint)
-        return e.code
+        return report(prog, e)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
