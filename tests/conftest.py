@@ -46,3 +46,42 @@ def assert_same(args: list[str], cwd: str) -> subprocess.CompletedProcess:
     assert mine.stderr.decode() == theirs.stderr.decode()
     assert mine.returncode == theirs.returncode
     return mine
+
+
+def set_bitmap_in_use(path: "os.PathLike[str] | str", name: str) -> None:
+    """Flag one qcow2 bitmap IN_USE in the directory (what a crashed QEMU
+    leaves): QEMU then calls it inconsistent."""
+    import struct
+
+    with open(path, "r+b") as f:
+        head = f.read(65536)
+        off = 104 + 8  # qemu-img's v3 header is 112 bytes; extensions follow
+        while True:
+            etype, elen = struct.unpack_from(">II", head, off)
+            if etype == 0x23852875:
+                nb, _, dsize, doff = struct.unpack_from(">IIQQ", head, off + 8)
+                break
+            off += 8 + ((elen + 7) & ~7)
+        f.seek(doff)
+        dirbuf = bytearray(f.read(dsize))
+        pos = 0
+        while pos < dsize:
+            nsize = struct.unpack_from(">H", dirbuf, pos + 18)[0]
+            if dirbuf[pos + 24:pos + 24 + nsize] == name.encode():
+                flags = struct.unpack_from(">I", dirbuf, pos + 12)[0]
+                struct.pack_into(">I", dirbuf, pos + 12, flags | 1)
+            pos += (24 + nsize + 7) & ~7
+        f.seek(doff)
+        f.write(dirbuf)
+
+
+def set_snapshot_extra_size(path: "os.PathLike[str] | str", extra_size: int) -> None:
+    """Write ``extra_size`` into the first snapshot table entry of a qcow2
+    image (its field at byte 36 of the entry, docs/interop/qcow2.txt)."""
+    import struct
+
+    with open(path, "r+b") as f:
+        nb, table = struct.unpack(">IQ", f.read(72)[60:72])
+        assert nb > 0
+        f.seek(table + 36)
+        f.write(struct.pack(">I", extra_size))

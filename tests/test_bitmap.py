@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import needs_qemu, run_qemu, run_qemu_io, run_qimg
+from conftest import needs_qemu, run_qemu, run_qemu_io, run_qimg, set_bitmap_in_use
 
 pytestmark = needs_qemu
 
@@ -59,33 +59,7 @@ def _make_images(d: Path) -> None:
     # "u": bitmap "e" left IN_USE (inconsistent), as after a crash
     q("create", "-f", "qcow2", "u.qcow2", SIZE)
     q("bitmap", "--add", "u.qcow2", "e")
-    _set_in_use(d / "u.qcow2", "e")
-
-
-def _set_in_use(path: Path, name: str) -> None:
-    """Flag one bitmap IN_USE in the directory (what a crashed QEMU leaves)."""
-    import struct
-
-    with open(path, "r+b") as f:
-        head = f.read(65536)
-        off = 104 + 8  # header, then extensions
-        while True:
-            etype, elen = struct.unpack_from(">II", head, off)
-            if etype == 0x23852875:
-                nb, _, dsize, doff = struct.unpack_from(">IIQQ", head, off + 8)
-                break
-            off += 8 + ((elen + 7) & ~7)
-        f.seek(doff)
-        dirbuf = bytearray(f.read(dsize))
-        pos = 0
-        while pos < dsize:
-            nsize = struct.unpack_from(">H", dirbuf, pos + 18)[0]
-            if dirbuf[pos + 24:pos + 24 + nsize] == name.encode():
-                flags = struct.unpack_from(">I", dirbuf, pos + 12)[0]
-                struct.pack_into(">I", dirbuf, pos + 12, flags | 1)
-            pos += (24 + nsize + 7) & ~7
-        f.seek(doff)
-        f.write(dirbuf)
+    set_bitmap_in_use(d / "u.qcow2", "e")
 
 
 def _bits(path: Path) -> dict[str, tuple[int, bool, list[int]]]:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg, same
+from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg, same, set_snapshot_extra_size
 
 
 def _raw(path, size: str, *cmds: str) -> str:
@@ -271,3 +271,14 @@ def test_compressed_source_to_raw(tmp_path, ctype) -> None:
     with open(mine, "rb") as f, open(theirs, "rb") as g:
         assert f.read() == g.read()
     assert _map(mine, "raw") == _map(theirs, "raw")
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [["convert", "-O", "raw", "s.qcow2", "t.raw"]])
+def test_damaged_snapshot_table_hint_as_qemu(tmp_path, args):
+    """qemu's hint after the open error carries no program name."""
+    run_qemu("create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=str(tmp_path))
+    run_qemu("snapshot", "-c", "sn", "s.qcow2", cwd=str(tmp_path))
+    set_snapshot_extra_size(tmp_path / "s.qcow2", (1 << 20) + 8)
+    mine = assert_same(args, str(tmp_path))
+    assert mine.stderr.endswith(b"\nYou can force-remove this extra metadata with qemu-img check -r all\n")

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import needs_qemu, run_qemu, run_qemu_io, run_qimg
+from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg, set_bitmap_in_use
 
 pytestmark = needs_qemu
 
@@ -112,3 +112,15 @@ def test_other_formats(tmp_path, fmt):
 
 def test_qed_shrink_refused(tmp_path):
     _compare(tmp_path, "qed", "1M", ["--shrink", "img", "512K"], data=False)
+
+
+@pytest.mark.parametrize("args", [["resize", "u.qcow2", "2M"], ["resize", "--shrink", "u.qcow2", "512k"]])
+def test_inconsistent_bitmap_refused_as_qemu(tmp_path, args):
+    """qemu's hint after the refusal carries no program name."""
+    run_qemu("create", "-q", "-f", "qcow2", "u.qcow2", "1M", cwd=str(tmp_path))
+    run_qemu("bitmap", "--add", "u.qcow2", "e", cwd=str(tmp_path))
+    set_bitmap_in_use(tmp_path / "u.qcow2", "e")
+    before = (tmp_path / "u.qcow2").read_bytes()
+    mine = assert_same(args, str(tmp_path))
+    assert mine.stderr.endswith(b"\nTry block-dirty-bitmap-remove to delete this bitmap from disk\n")
+    assert (tmp_path / "u.qcow2").read_bytes() == before

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg
+from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg, set_snapshot_extra_size
 
 pytestmark = needs_qemu
 
@@ -372,3 +372,14 @@ def test_list_pads_utf8_names_by_bytes(tmp_path):
         assert run_qemu("snapshot", "-c", name, path).returncode == 0
     assert_same(["snapshot", "-l", path], str(tmp_path))
     assert_same(["info", path], str(tmp_path))
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [["snapshot", "-l", "s.qcow2"], ["snapshot", "-d", "sn", "s.qcow2"]])
+def test_damaged_snapshot_table_hint_as_qemu(tmp_path, args):
+    """qemu's hint after the open error carries no program name."""
+    run_qemu("create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=str(tmp_path))
+    run_qemu("snapshot", "-c", "sn", "s.qcow2", cwd=str(tmp_path))
+    set_snapshot_extra_size(tmp_path / "s.qcow2", (1 << 20) + 8)
+    mine = assert_same(args, str(tmp_path))
+    assert mine.stderr.endswith(b"\nYou can force-remove this extra metadata with qemu-img check -r all\n")

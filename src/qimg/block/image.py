@@ -233,7 +233,8 @@ def _check_loop(file: File, filename: str, read_only: bool, seen: dict[tuple[int
     if opened_read_only is None:
         return
     if not opened_read_only:
-        raise QimgError(f'Failed to get shared "write" lock\nIs another process using the image [{filename}]?')
+        raise QimgError('Failed to get shared "write" lock',
+                        detail=f"Is another process using the image [{filename}]?\n")
     raise QimgError(f"Backing file '{filename}' creates an infinite loop.")
 
 

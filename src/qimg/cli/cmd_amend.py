@@ -60,7 +60,7 @@ def run(prog: str, argv: list[str]) -> int:
         meter.end()
         meter.enabled = False
         first, _, hints = e.message.partition("\n")
-        sys.stderr.write(f"{prog}: {first}\n" + (f"{hints}\n" if hints else ""))
+        sys.stderr.write(f"{prog}: {first}\n" + (f"{hints}\n" if hints else "") + e.full_detail())
         return e.code
     finally:
         meter.end()

@@ -65,13 +65,6 @@ def run(prog: str, argv: list[str]) -> int:
         if src_filename:
             src = common.open_image(src_filename, src_fmt, read_only=True)
         run_actions(img, name, actions, granularity, src)
-    except QimgError as e:
-        if "\n" not in e.message:
-            raise
-        # error_append_hint: the hint line carries no program name
-        first, _, hint = e.message.partition("\n")
-        sys.stderr.write(f"{prog}: {first}\n{hint}\n")
-        return 1
     finally:
         if src is not None:
             src.close()

@@ -53,15 +53,7 @@ def run(prog: str, argv: list[str]) -> int:
 
     from qimg.ops.commit import commit, find_base, reopen_writable
 
-    try:
-        img = common.open_image(filename, fmt, read_only=False, use_image_opts=image_opts)
-    except QimgError as e:
-        if "\nIs another process" not in e.message:
-            raise
-        # error_append_hint: the hint line carries no program name
-        first, _, hint = e.message.partition("\n")
-        sys.stderr.write(f"{prog}: {first}\n{hint}\n")
-        return e.code
+    img = common.open_image(filename, fmt, read_only=False, use_image_opts=image_opts)
     try:
         meter = Progress(progress, 1.0)
         meter.update(0)

@@ -170,12 +170,9 @@ def run(prog: str, argv: list[str]) -> int:
         meter.update(100)
     except QimgError as e:
         # qemu-img reports the error before ending the progress line
-        from qimg.cli.main import error
+        from qimg.cli.main import report
 
-        error(prog, e.message, e.hint)
-        if getattr(e, "detail", ""):
-            sys.stderr.write(e.detail)
-        return e.code
+        return report(prog, e)
     finally:
         meter.end()
     return 0

@@ -62,6 +62,6 @@ def run(prog: str, argv: list[str]) -> int:
         sys.stderr.write(f"{prog}: {filename}: {first}\n")
         if rest:
             sys.stderr.write(rest + "\n")
-        sys.stderr.write(getattr(e, "detail", ""))
+        sys.stderr.write(e.full_detail())
         return 1
     return 0

@@ -14,9 +14,6 @@ from qimg.cli import args
 from qimg.cli.common import add_object, open_image
 from qimg.errors import QimgError
 
-#: hint lines qemu appends to an error (error_append_hint): no program name
-_HINT_PREFIXES = ("You can force-remove",)
-
 
 def run(prog: str, argv: list[str]) -> int:
     opts, operands = args.parse(argv, "la:c:d:hqU", ["help", "object=", "image-opts", "force-share"])
@@ -44,16 +41,7 @@ def run(prog: str, argv: list[str]) -> int:
     if len(operands) != 1:
         raise QimgError("Expecting one image file name", hint=True)
     filename = operands[0]
-    try:
-        return _run(prog, action, name, filename, quiet, force_share, use_image_opts)
-    except QimgError as e:
-        lines = e.message.split("\n")
-        for line in lines:
-            if line.startswith(_HINT_PREFIXES):
-                sys.stderr.write(line + "\n")
-            else:
-                sys.stderr.write(f"{prog}: {line}\n")
-        return e.code
+    return _run(prog, action, name, filename, quiet, force_share, use_image_opts)
 
 
 def _run(prog: str, action: str | None, name: str, filename: str, quiet: bool, force_share: bool,

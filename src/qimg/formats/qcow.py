@@ -118,8 +118,8 @@ class QcowDriver(Driver):
         if magic != QCOW_MAGIC:
             raise QimgError("Image not in qcow format")
         if version != QCOW_VERSION:
-            hint = "\nTry the 'qcow2' driver instead." if version in (2, 3) else ""
-            raise QimgError(f"qcow (v1) does not support qcow version {version}{hint}")
+            hint = "Try the 'qcow2' driver instead.\n" if version in (2, 3) else ""
+            raise QimgError(f"qcow (v1) does not support qcow version {version}", detail=hint)
         if size <= 1:
             raise QimgError("Image size is too small (must be at least 2 bytes)")
         if cbits < 9 or cbits > 16:

@@ -552,5 +552,5 @@ def open_store(d: "Qcow2Driver") -> BitmapStore | None:
 
 def inconsistent_error(name: str) -> QimgError:
     """bdrv_dirty_bitmap_check's refusal of a bitmap found IN_USE."""
-    return QimgError(f"Bitmap '{name}' is inconsistent and cannot be used\n"
-                     "Try block-dirty-bitmap-remove to delete this bitmap from disk")
+    return QimgError(f"Bitmap '{name}' is inconsistent and cannot be used",
+                     detail="Try block-dirty-bitmap-remove to delete this bitmap from disk\n")

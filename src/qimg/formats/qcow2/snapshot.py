@@ -61,8 +61,8 @@ class SnapshotErrno(QimgError):
     """A failure QEMU reports as a negative errno (``-errno (strerror)`` in
     ``snapshot -c``, ``strerror`` elsewhere)."""
 
-    def __init__(self, errno: int, message: str | None = None) -> None:
-        super().__init__(message or os.strerror(errno))
+    def __init__(self, errno: int, message: str | None = None, detail: str = "") -> None:
+        super().__init__(message or os.strerror(errno), detail=detail)
         self.errno = errno
 
 
@@ -145,8 +145,8 @@ def read_table(file: "File", offset: int, nb: int, disk_size: int) -> tuple[list
          extra_size) = SNAPSHOT_HEADER.unpack(rd.get(pos, SNAPSHOT_HEADER.size))
         pos += SNAPSHOT_HEADER.size
         if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
-            raise SnapshotErrno(27, f"Too much extra metadata in snapshot table entry {i}\n"
-                                "You can force-remove this extra metadata with qemu-img check -r all")
+            raise SnapshotErrno(27, f"Too much extra metadata in snapshot table entry {i}",
+                                "You can force-remove this extra metadata with qemu-img check -r all\n")
         extra = rd.get(pos, extra_size)
         known = extra[:EXTRA_DATA.size].ljust(EXTRA_DATA.size, b"\0")
         large, dsize, icount = EXTRA_DATA.unpack(known)
@@ -164,8 +164,8 @@ def read_table(file: "File", offset: int, nb: int, disk_size: int) -> tuple[list
         sn.name = _cstr(rd.get(pos, name_len))
         pos += name_len
         if pos - offset > QCOW_MAX_SNAPSHOTS_SIZE:
-            raise SnapshotErrno(27, "Snapshot table is too big\n"
-                                f"You can force-remove all {nb - i} overhanging snapshots with qemu-img check -r all")
+            raise SnapshotErrno(27, "Snapshot table is too big",
+                                f"You can force-remove all {nb - i} overhanging snapshots with qemu-img check -r all\n")
         snaps.append(sn)
     return snaps, pos - offset
 
