@@ -302,7 +302,8 @@ class _Pass:
     def __init__(self, file_len: int) -> None:
         self.file_len = file_len
         self.refs: list[np.ndarray] = []
-        self.ref_slots: list[np.ndarray] = []
+        #: arrays, or callables that build one (kept small until an overflow needs them)
+        self.ref_slots: list[np.ndarray | Callable[[], np.ndarray]] = []
         self.msgs: list[tuple[int, int, int, str]] = []
         self.slot = 0
 
@@ -525,6 +526,7 @@ class Qcow2Checker:
             if res.leaks or res.corruptions:
                 vars(res).update(vars(pre))
                 highest, rebuild = self.compare(res, self.fix, counts, nb, rebuild)
+        del counts  # not needed any more: free it before the L2 tables are read again
         self.check_oflag_copied(res, self.fix)
         res.image_end_offset = (highest + 1) * self.cs
 
@@ -605,14 +607,21 @@ class Qcow2Checker:
     def _count(self, p: _Pass, res: CheckResult, nb: int) -> np.ndarray:
         """np.bincount of the references, capped at the refcount width with
         QEMU's overflow messages for the references beyond it."""
-        refs = np.concatenate(p.refs) if p.refs else np.zeros(0, dtype=np.int64)
-        # the pieces are copied into refs: drop them now (peak memory on big images)
-        p.refs[:] = [refs]
-        n = max(nb, int(refs.max()) + 1 if len(refs) else 0)
+        top = max((int(r.max()) for r in p.refs if len(r)), default=-1)
+        n = max(nb, top + 1)
+        # Counted piece by piece: one concatenation of millions of references
+        # would double the memory a big image's check needs.
+        total = np.zeros(n, dtype=np.int64)
+        for r in p.refs:
+            if len(r) > n >> 6:
+                total += np.bincount(r, minlength=n)
+            elif len(r):
+                np.add.at(total, r.astype(np.int64), 1)
         # counts are never negative: reinterpret in place rather than copy
-        counts = np.bincount(refs, minlength=n).view(_U64)
-        if len(refs) and int(counts.max()) > self.refcount_max:
-            slots = np.concatenate(p.ref_slots)
+        counts = total.view(_U64)
+        if top >= 0 and int(counts.max()) > self.refcount_max:
+            refs = np.concatenate(p.refs).astype(np.int64)
+            slots = np.concatenate([s() if callable(s) else s for s in p.ref_slots])
             order = np.lexsort((slots, refs))
             ranked = refs[order]
             group_start = np.searchsorted(ranked, ranked, side="left")
@@ -840,8 +849,15 @@ class Qcow2Checker:
             res.fragmented_clusters = (res.fragmented_clusters or 0) + int(jumps.sum())
         table_slots = base + np.arange(rows, dtype=np.int64) * (n + 1)
         self._inc_many(p, res, table_slots, l2off, np.full(rows, cs, dtype=np.int64), np.ones(rows, dtype=bool))
-        p.refs.append(data >> self.cluster_bits)
-        p.ref_slots.append(base + flat + flat // n + 1)
+        clusters = data >> self.cluster_bits
+        if len(clusters) and int(clusters.max()) < 1 << 32:
+            clusters = clusters.astype(np.uint32)  # half the memory; bincount takes it as is
+        p.refs.append(clusters)
+        # Slots matter only for overflow messages: keep the batch-local
+        # indexes (small) and build the slots on demand.
+        local = flat.astype(np.int32) if rows * (n + 1) < 1 << 31 else flat
+        p.ref_slots.append(lambda base=base, local=local, n=n:
+                           base + local.astype(np.int64) + local // n + 1)
         return True
 
     def _fragmented(self, counted: np.ndarray, offs: np.ndarray) -> int:
