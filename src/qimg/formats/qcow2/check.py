@@ -214,7 +214,7 @@ class RefcountView:
         if not len(clusters):
             return values, bad
         top = int(clusters.max())
-        if top < self.dense_limit:
+        if top < self.dense_limit or (self._dense is not None and top < len(self._dense[0])):
             return self._lookup_dense(clusters, top + 1)
         blocks = clusters >> np.uint64(self.block_bits)
         # Only blocks the reftable has can hold a refcount (others read 0).
@@ -1003,6 +1003,11 @@ class Qcow2Checker:
                 rebuild: bool) -> tuple[int, bool]:
         """Compare with the on-disk refcounts; (highest used cluster, rebuild)."""
         ondisk, bad = self.view.range(nb)
+        if self.view._dense is None:
+            # Kept as the view's dense copy (set() keeps it current): the
+            # OFLAG_COPIED pass looks refcounts up there instead of decoding
+            # and caching every refcount block once more.
+            self.view._dense = (ondisk, bad)
         used = np.flatnonzero(((ondisk > 0) | (counts > 0)) & ~bad)
         highest = int(used[-1]) if len(used) else 0
         raising: list[tuple[int, int]] = []
