@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io
+from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, set_snapshot_extra_size
 
 
 def _raw(path, size: str, *cmds: str) -> str:
@@ -118,3 +118,13 @@ CHAIN_CASES = [
 @pytest.mark.parametrize("argv", CHAIN_CASES, ids=[" ".join(c) for c in CHAIN_CASES])
 def test_compare_chains_like_qemu(chain, argv) -> None:
     assert_same(["compare", *argv], chain)
+
+
+@needs_qemu
+def test_damaged_snapshot_table_hint_as_qemu(tmp_path):
+    """qemu's hint after the open error carries no program name."""
+    run_qemu("create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=str(tmp_path))
+    run_qemu("snapshot", "-c", "sn", "s.qcow2", cwd=str(tmp_path))
+    set_snapshot_extra_size(tmp_path / "s.qcow2", (1 << 20) + 8)
+    mine = assert_same(["compare", "s.qcow2", "s.qcow2"], str(tmp_path))
+    assert mine.stderr.endswith(b"\nYou can force-remove this extra metadata with qemu-img check -r all\n")

@@ -7,7 +7,7 @@ import sys
 
 from qimg.block.options import split_options
 from qimg.cli import args
-from qimg.cli.common import add_object, check_cache, open_image
+from qimg.cli.common import CommonOptions, apply_common, check_cache, open_image
 from qimg.errors import QimgError
 from qimg.ops import amend as ops_amend
 from qimg.ops.progress import Progress
@@ -19,32 +19,22 @@ def _has_help(options: str) -> bool:
 
 def run(prog: str, argv: list[str]) -> int:
     opts, operands = args.parse(argv, "ho:f:t:pq", ["help", "object=", "image-opts", "force"])
-    fmt: str | None = None
+    common = CommonOptions()
     cache = "writeback"
     options: str | None = None
-    progress = quiet = use_image_opts = force = False
+    progress = force = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            from qimg.cli import usage
-
-            sys.stdout.write(usage.help_text(prog))
-            return 0
+        if apply_common(opt, val, common):
+            continue
         if opt == "-o":
             options = val if options is None else f"{options},{val}"
-        elif opt == "-f":
-            fmt = val
         elif opt == "-t":
             cache = val
         elif opt == "-p":
             progress = True
-        elif opt == "-q":
-            quiet = True
-        elif opt == "--object":
-            add_object(val)
-        elif opt == "--image-opts":
-            use_image_opts = True
         elif opt == "--force":
             force = True
+    fmt, quiet, use_image_opts = common.fmt, common.quiet, common.image_opts
     if options is None:
         raise QimgError("Must specify options (-o)", hint=True)
     if quiet:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from qimg.cli import args as cli_args
 from qimg.cli import common
 from qimg.errors import QimgError
@@ -15,29 +13,21 @@ LONG = ["help", "object=", "image-opts", "add", "remove", "clear", "enable", "di
 
 
 def run(prog: str, argv: list[str]) -> int:
-    from qimg.cli import usage
-
     opts, operands = cli_args.parse(argv, SHORT, LONG)
-    fmt = src_fmt = src_filename = None
+    shared = common.CommonOptions()
+    src_fmt = src_filename = None
     granularity = 0
-    image_opts = add = merge = False
+    add = merge = False
     actions: list[tuple[str, str | None]] = []
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        elif opt in ("-b", "--source-file"):
+        if common.apply_common(opt, val, shared):
+            continue
+        if opt in ("-b", "--source-file"):
             src_filename = val
-        elif opt == "-f":
-            fmt = val
         elif opt in ("-F", "--source-format"):
             src_fmt = val
         elif opt in ("-g", "--granularity"):
             granularity = cvtnum("granularity", val)
-        elif opt == "--object":
-            common.add_object(val)
-        elif opt == "--image-opts":
-            image_opts = True
         elif opt == "--merge":
             actions.append(("merge", val))
             merge = True
@@ -45,6 +35,7 @@ def run(prog: str, argv: list[str]) -> int:
             act = opt[2:]
             actions.append((act, None))
             add = add or act == "add"
+    fmt, image_opts = shared.fmt, shared.image_opts
     if not actions:
         raise QimgError("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
     if granularity and not add:

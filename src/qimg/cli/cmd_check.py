@@ -10,17 +10,9 @@ from __future__ import annotations
 import sys
 
 from qimg.cli import args
-from qimg.cli.common import add_object, check_cache, image_opts
+from qimg.cli.common import CommonOptions, apply_common, check_cache, image_opts, one_image, warn_probed_raw
 from qimg.errors import QimgError
 from qimg.ops import check as ops_check
-
-
-_RAW_PROBE_WARNING = (
-    "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
-    "         Automatically detecting the format is dangerous for raw images, "
-    "write operations on block 0 will be restricted.\n"
-    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-)
 
 
 def run(prog: str, argv: list[str]) -> int:
@@ -28,20 +20,14 @@ def run(prog: str, argv: list[str]) -> int:
         argv, "hf:r:T:qU",
         ["help", "format=", "repair=", "output=", "object=", "image-opts", "force-share"],
     )
-    fmt: str | None = None
+    common = CommonOptions()
     repair: str | None = None
     output: str | None = None
     cache = "writeback"
-    quiet = force_share = use_image_opts = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            from qimg.cli import usage
-
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        if opt in ("-f", "--format"):
-            fmt = val
-        elif opt in ("-r", "--repair"):
+        if apply_common(opt, val, common):
+            continue
+        if opt in ("-r", "--repair"):
             if val not in ops_check.REPAIR_MODES:
                 raise QimgError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {val}", hint=True)
             repair = val
@@ -49,30 +35,21 @@ def run(prog: str, argv: list[str]) -> int:
             output = val
         elif opt == "-T":
             cache = val
-        elif opt == "-q":
-            quiet = True
-        elif opt in ("-U", "--force-share"):
-            force_share = True
-        elif opt == "--object":
-            add_object(val)
-        elif opt == "--image-opts":
-            use_image_opts = True
-    if len(operands) != 1:
-        raise QimgError("Expecting one image file name", hint=True)
-    name = operands[0]
+    name = one_image(operands)
+    fmt, quiet = common.fmt, common.quiet
     if output is not None:
         args.output_format(output)
     check_cache(cache, source=True)
-    if force_share and repair is not None:
+    if common.force_share and repair is not None:
         raise QimgError(f"Could not open '{name}': force-share=on can only be used with read-only images")
     filename, open_options = name, None
-    if use_image_opts:
+    if common.image_opts:
         if fmt:
             raise QimgError("--image-opts and --format are mutually exclusive")
         filename, fmt, open_options = image_opts(name)
     img = ops_check.open_for_check(filename, fmt, repair, open_options=open_options, display_name=name)
     if img.probed and img.format == "raw" and repair is not None:
-        sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))
+        warn_probed_raw(filename)
     out = sys.stdout
     try:
         def repaired(result: ops_check.CheckResult) -> None:

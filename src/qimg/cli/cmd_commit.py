@@ -15,19 +15,15 @@ LONG = ["help", "object=", "image-opts"]
 
 
 def run(prog: str, argv: list[str]) -> int:
-    from qimg.cli import usage
-
     opts, operands = cli_args.parse(argv, SHORT, LONG)
-    fmt = base = None
+    shared = common.CommonOptions()
+    base = None
     cache = "writeback"
-    drop = progress = quiet = image_opts = False
+    drop = progress = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        elif opt == "-f":
-            fmt = val
-        elif opt == "-t":
+        if common.apply_common(opt, val, shared):
+            continue
+        if opt == "-t":
             cache = val
         elif opt == "-b":
             base = val
@@ -36,19 +32,12 @@ def run(prog: str, argv: list[str]) -> int:
             drop = True
         elif opt == "-p":
             progress = True
-        elif opt == "-q":
-            quiet = True
         elif opt == "-r":
             cvtnum("rate limit", val)
-        elif opt == "--object":
-            common.add_object(val)
-        elif opt == "--image-opts":
-            image_opts = True
+    fmt, quiet, image_opts = shared.fmt, shared.quiet, shared.image_opts
     if quiet:
         progress = False
-    if len(operands) != 1:
-        raise QimgError("Expecting one image file name", hint=True)
-    filename = operands[0]
+    filename = common.one_image(operands)
     common.check_cache(cache)
 
     from qimg.ops.commit import commit, find_base, reopen_writable

@@ -14,34 +14,23 @@ LONG = ["help", "object=", "image-opts", "force-share"]
 
 
 def run(prog: str, argv: list[str]) -> int:
-    from qimg.cli import usage
-
     opts, operands = cli_args.parse(argv, SHORT, LONG)
-    fmt1 = fmt2 = None
+    shared = common.CommonOptions()
+    fmt2 = None
     cache = "writeback"
-    progress = quiet = strict = image_opts = force_share = False
+    progress = strict = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        elif opt == "-f":
-            fmt1 = val
-        elif opt == "-F":
+        if common.apply_common(opt, val, shared):
+            continue
+        if opt == "-F":
             fmt2 = val
         elif opt == "-T":
             cache = val
         elif opt == "-p":
             progress = True
-        elif opt == "-q":
-            quiet = True
         elif opt == "-s":
             strict = True
-        elif opt in ("-U", "--force-share"):
-            force_share = True
-        elif opt == "--object":
-            common.add_object(val)
-        elif opt == "--image-opts":
-            image_opts = True
+    fmt1, quiet, force_share, image_opts = shared.fmt, shared.quiet, shared.force_share, shared.image_opts
     if quiet:
         progress = False
     if len(operands) != 2:
@@ -70,10 +59,9 @@ def run(prog: str, argv: list[str]) -> int:
         return result.code
     except QimgError as e:
         # qemu-img reports the error before ending the progress line
-        from qimg.cli.main import error
+        from qimg.cli.main import report
 
-        error(prog, e.message, e.hint)
-        return e.code
+        return report(prog, e)
     finally:
         for img in imgs:
             img.close()

@@ -46,24 +46,20 @@ def _coroutines(text: str) -> int:
 
 
 def run(prog: str, argv: list[str]) -> int:
-    from qimg.cli import usage
     from qimg.ops.create import has_help_option, option_help, valid_option_list
 
     opts, operands = cli_args.parse(argv, SHORT, LONG)
-    fmt = out_fmt = backing = backing_fmt = options = snapshot = None
+    shared = common.CommonOptions()
+    out_fmt = backing = backing_fmt = options = snapshot = None
     cache, src_cache = "unsafe", "writeback"
-    compressed = copy_range = progress = quiet = skip_create = False
-    image_opts = tgt_image_opts = target_is_zero = bitmaps = skip_broken = salvage = False
-    force_share = False
+    compressed = copy_range = progress = skip_create = False
+    tgt_image_opts = target_is_zero = bitmaps = skip_broken = salvage = False
     sparse_size = 4096
     explicit_sparse = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        elif opt == "-f":
-            fmt = val
-        elif opt == "-O":
+        if common.apply_common(opt, val, shared):
+            continue
+        if opt == "-O":
             out_fmt = val
         elif opt == "-B":
             backing = val
@@ -91,22 +87,14 @@ def run(prog: str, argv: list[str]) -> int:
             cache = val
         elif opt == "-T":
             src_cache = val
-        elif opt == "-q":
-            quiet = True
         elif opt == "-n":
             skip_create = True
         elif opt == "-m":
             _coroutines(val)
         elif opt == "-W":
             pass  # out-of-order writes: ours are always in order
-        elif opt in ("-U", "--force-share"):
-            force_share = True
         elif opt == "-r":
             cvtnum("rate limit", val)
-        elif opt == "--object":
-            common.add_object(val)
-        elif opt == "--image-opts":
-            image_opts = True
         elif opt == "--salvage":
             salvage = True
         elif opt == "--target-image-opts":
@@ -117,6 +105,7 @@ def run(prog: str, argv: list[str]) -> int:
             bitmaps = True
         elif opt == "--skip-broken-bitmaps":
             skip_broken = True
+    fmt, quiet, force_share, image_opts = shared.fmt, shared.quiet, shared.force_share, shared.image_opts
 
     if out_fmt is None and not tgt_image_opts:
         out_fmt = "raw"

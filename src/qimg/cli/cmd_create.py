@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from qimg.cli import args
-from qimg.cli.common import add_object
+from qimg.cli.common import CommonOptions, apply_common
 from qimg.errors import QimgError
 from qimg.ops import create as ops_create
 from qimg.units import cvtnum
@@ -14,34 +14,25 @@ from qimg.units import cvtnum
 
 def run(prog: str, argv: list[str]) -> int:
     opts, operands = args.parse(argv, "F:b:f:ho:qu", ["help", "object="])
-    fmt = "raw"
+    common = CommonOptions(fmt="raw")
     base_fmt: str | None = None
     base: str | None = None
     options: str | None = None
-    quiet = False
     unsafe = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            from qimg.cli import usage
-
-            sys.stdout.write(usage.help_text(prog))
-            return 0
+        if apply_common(opt, val, common):
+            continue
         if opt == "-F":
             base_fmt = val
         elif opt == "-b":
             base = val
-        elif opt == "-f":
-            fmt = val
         elif opt == "-o":
             if not ops_create.valid_option_list(val):
                 raise QimgError(f"Invalid option list: {val}")
             options = val if options is None else f"{options},{val}"
-        elif opt == "-q":
-            quiet = True
         elif opt == "-u":
             unsafe = True
-        elif opt == "--object":
-            add_object(val)
+    fmt, quiet = common.fmt, common.quiet
 
     filename = operands[0] if operands else None
     if options is not None and ops_create.has_help_option(options):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from qimg.cli import args
-from qimg.cli.common import add_object, image_opts
+from qimg.cli.common import CommonOptions, apply_common, image_opts, one_image
 from qimg.errors import QimgError
 from qimg.ops import info as ops_info
 
@@ -16,32 +16,21 @@ def run(prog: str, argv: list[str]) -> int:
         argv, "f:hU",
         ["help", "format=", "output=", "backing-chain", "object=", "image-opts", "force-share"],
     )
-    fmt: str | None = None
+    common = CommonOptions()
     output = "human"
     chain = False
-    use_image_opts = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            from qimg.cli import usage
-
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        if opt in ("-f", "--format"):
-            fmt = val
-        elif opt == "--output":
+        if apply_common(opt, val, common):
+            continue
+        if opt == "--output":
             output = val
         elif opt == "--backing-chain":
             chain = True
-        elif opt == "--object":
-            add_object(val)
-        elif opt == "--image-opts":
-            use_image_opts = True
-    if len(operands) != 1:
-        raise QimgError("Expecting one image file name", hint=True)
+    name = one_image(operands)
     args.output_format(output)
-    name = operands[0]
+    fmt = common.fmt
     filename, open_options = name, None
-    if use_image_opts:
+    if common.image_opts:
         if fmt:
             raise QimgError("--image-opts and --format are mutually exclusive")
         filename, fmt, open_options = image_opts(name)

@@ -9,7 +9,7 @@ import sys
 
 from qimg.block.image import Image
 from qimg.cli import args
-from qimg.cli.common import add_object, open_image
+from qimg.cli.common import CommonOptions, apply_common, open_image
 from qimg.errors import QimgError
 from qimg.ops import measure as ops_measure
 from qimg.units import cvtnum
@@ -44,38 +44,27 @@ def run(prog: str, argv: list[str]) -> int:
         sys.stderr.write(f"measure: {_getopt_message(e, argv)}\n")
         sys.stdout.write(usage.help_text(prog))
         return 0
-    fmt: str | None = None
+    common = CommonOptions()
     out_fmt = "raw"
     options: str | None = None
     snapshot: str | None = None
     size: int | None = None
     output = "human"
-    use_image_opts = force_share = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            from qimg.cli import usage
-
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        if opt == "-f":
-            fmt = val
-        elif opt == "-O":
+        if apply_common(opt, val, common):
+            continue
+        if opt == "-O":
             out_fmt = val
         elif opt == "-o":
             # repeated -o options accumulate, as accumulate_options does
             options = val if options is None else f"{options},{val}"
         elif opt == "-l":
             snapshot = val
-        elif opt in ("-U", "--force-share"):
-            force_share = True
-        elif opt == "--object":
-            add_object(val)
-        elif opt == "--image-opts":
-            use_image_opts = True
         elif opt == "--size":
             size = cvtnum("image size", val)
         elif opt == "--output":
             output = args.output_format(val)
+    fmt, force_share, use_image_opts = common.fmt, common.force_share, common.image_opts
     if len(operands) > 1:
         raise QimgError("At most one filename argument is allowed.")
     filename = operands[0] if operands else None

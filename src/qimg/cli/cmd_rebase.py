@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from qimg.cli import args as cli_args
 from qimg.cli import common
 from qimg.errors import QimgError
@@ -14,19 +12,15 @@ LONG = ["help", "object=", "image-opts", "force-share"]
 
 
 def run(prog: str, argv: list[str]) -> int:
-    from qimg.cli import usage
-
     opts, operands = cli_args.parse(argv, SHORT, LONG)
-    fmt = backing = backing_fmt = None
+    shared = common.CommonOptions()
+    backing = backing_fmt = None
     cache, src_cache = "writeback", "writeback"
-    unsafe = progress = quiet = image_opts = force_share = False
+    unsafe = progress = False
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        elif opt == "-f":
-            fmt = val
-        elif opt == "-F":
+        if common.apply_common(opt, val, shared):
+            continue
+        if opt == "-F":
             backing_fmt = val
         elif opt == "-b":
             backing = val
@@ -38,18 +32,11 @@ def run(prog: str, argv: list[str]) -> int:
             cache = val
         elif opt == "-T":
             src_cache = val
-        elif opt == "-q":
-            quiet = True
-        elif opt in ("-U", "--force-share"):
-            force_share = True
-        elif opt == "--object":
-            common.add_object(val)
-        elif opt == "--image-opts":
-            image_opts = True
+    # -U is accepted and, as in qemu-img 7.2, not used: the image is opened read-write
+    fmt, quiet, image_opts = shared.fmt, shared.quiet, shared.image_opts
     if quiet:
         progress = False
-    if len(operands) != 1:
-        raise QimgError("Expecting one image file name", hint=True)
+    filename = common.one_image(operands)
     if not unsafe and backing is None:
         raise QimgError("Must specify backing file (-b) or use unsafe mode (-u)", hint=True)
 
@@ -62,7 +49,7 @@ def run(prog: str, argv: list[str]) -> int:
         common.check_cache(src_cache, source=True)
         # Unsafe mode does not open the old backing file: it may be the
         # renamed or moved file whose name is being corrected.
-        img = common.open_image(operands[0], fmt, read_only=False, backing=not unsafe,
+        img = common.open_image(filename, fmt, read_only=False, backing=not unsafe,
                                 force_share=False, use_image_opts=image_opts)
         try:
             rebase(img, backing, backing_fmt, unsafe=unsafe, progress=meter.update if progress else None)
@@ -70,10 +57,9 @@ def run(prog: str, argv: list[str]) -> int:
             img.close()
     except QimgError as e:
         # qemu-img reports the error before ending the progress line
-        from qimg.cli.main import error
+        from qimg.cli.main import report
 
-        error(prog, e.message)
-        return e.code
+        return report(prog, e)
     finally:
         meter.end()
     return 0

@@ -11,7 +11,7 @@ import sys
 
 from qimg.block.options import SIZE, OptionSpec, coerce
 from qimg.cli import args
-from qimg.cli.common import add_object, open_image
+from qimg.cli.common import CommonOptions, apply_common, open_image
 from qimg.errors import QimgError
 from qimg.ops.resize import PREALLOC_MODES, resize
 
@@ -23,24 +23,13 @@ def run(prog: str, argv: list[str]) -> int:
         raise QimgError("Not enough arguments", hint=True)
     size_text = argv[-1]
     opts, operands = args.parse(argv[:-1], "f:hq", ["help", "object=", "image-opts", "preallocation=", "shrink"])
-    fmt: str | None = None
-    quiet = use_image_opts = shrink = False
+    common = CommonOptions()
+    shrink = False
     prealloc = "off"
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            from qimg.cli import usage
-
-            sys.stdout.write(usage.help_text(prog))
-            return 0
-        if opt == "-f":
-            fmt = val
-        elif opt == "-q":
-            quiet = True
-        elif opt == "--object":
-            add_object(val)
-        elif opt == "--image-opts":
-            use_image_opts = True
-        elif opt == "--preallocation":
+        if apply_common(opt, val, common):
+            continue
+        if opt == "--preallocation":
             if val not in PREALLOC_MODES:
                 raise QimgError(f"Invalid preallocation mode '{val}'")
             prealloc = val
@@ -55,11 +44,11 @@ def run(prog: str, argv: list[str]) -> int:
         # one error_report_err: only its first line carries the program name
         sys.stderr.write(f"{prog}: {e.message}\n")
         return 1
-    img = open_image(operands[0], fmt, read_only=False, use_image_opts=use_image_opts)
+    img = open_image(operands[0], common.fmt, read_only=False, use_image_opts=common.image_opts)
     try:
         resize(img, amount, relative, prealloc, shrink)
     finally:
         img.close()
-    if not quiet:
+    if not common.quiet:
         sys.stdout.write("Image resized.\n")
     return 0

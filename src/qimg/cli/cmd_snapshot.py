@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from qimg.cli import args
-from qimg.cli.common import add_object, open_image
+from qimg.cli.common import CommonOptions, apply_common, one_image, open_image, warn_probed_raw
 from qimg.errors import QimgError
 
 
@@ -19,29 +19,16 @@ def run(prog: str, argv: list[str]) -> int:
     opts, operands = args.parse(argv, "la:c:d:hqU", ["help", "object=", "image-opts", "force-share"])
     action: str | None = None
     name = ""
-    quiet = force_share = use_image_opts = False
+    common = CommonOptions()
     for opt, val in opts:
-        if opt in ("-h", "--help"):
-            from qimg.cli import usage
-
-            sys.stdout.write(usage.help_text(prog))
-            return 0
+        if apply_common(opt, val, common):
+            continue
         if opt in ("-l", "-a", "-c", "-d"):
             if action is not None:
                 raise QimgError("Cannot mix '-l', '-a', '-c', '-d'", hint=True)
             action, name = opt, val
-        elif opt == "-q":
-            quiet = True
-        elif opt in ("-U", "--force-share"):
-            force_share = True
-        elif opt == "--object":
-            add_object(val)
-        elif opt == "--image-opts":
-            use_image_opts = True
-    if len(operands) != 1:
-        raise QimgError("Expecting one image file name", hint=True)
-    filename = operands[0]
-    return _run(prog, action, name, filename, quiet, force_share, use_image_opts)
+    filename = one_image(operands)
+    return _run(prog, action, name, filename, common.quiet, common.force_share, common.image_opts)
 
 
 def _run(prog: str, action: str | None, name: str, filename: str, quiet: bool, force_share: bool,
@@ -61,9 +48,7 @@ def _run(prog: str, action: str | None, name: str, filename: str, quiet: bool, f
         elif action == "-a":
             if img.probed and img.format == "raw":
                 # qemu-img reopens the file node to fall back to, warning again
-                from qimg.cli.common import _RAW_PROBE_WARNING
-
-                sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))
+                warn_probed_raw(filename)
             ops.apply(img, name)
         elif action == "-d":
             ops.delete(img, name)

@@ -9,6 +9,7 @@ img_open(), whatever layer the reason came from.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from qimg.block.image import Image
@@ -27,6 +28,49 @@ _RAW_PROBE_WARNING = (
 
 #: secrets given with --object secret,id=ID,data=...|file=...; LUKS reads them
 SECRETS: dict[str, bytes] = {}
+
+
+class HelpRequested(Exception):
+    """-h/--help: the command stops there and qemu-img's help is printed
+    (cli.main prints it, so that options before it still act in order)."""
+
+
+@dataclass
+class CommonOptions:
+    """The options every command reads the same way (when it declares them)."""
+
+    fmt: str | None = None  # -f/--format
+    image_opts: bool = False  # --image-opts
+    force_share: bool = False  # -U/--force-share
+    quiet: bool = False  # -q
+
+
+def apply_common(opt: str, val: str, into: CommonOptions) -> bool:
+    """Act on one of the options every command shares; False for an option
+    that is the command's own.  Called in argv order, as qemu-img's getopt
+    loop acts: ``--object help -h`` lists objects, ``-h --object help`` helps."""
+    if opt in ("-h", "--help"):
+        raise HelpRequested
+    if opt in ("-f", "--format"):
+        into.fmt = val
+    elif opt == "--object":
+        add_object(val)
+    elif opt == "--image-opts":
+        into.image_opts = True
+    elif opt in ("-U", "--force-share"):
+        into.force_share = True
+    elif opt == "-q":
+        into.quiet = True
+    else:
+        return False
+    return True
+
+
+def one_image(operands: list[str]) -> str:
+    """The one file name most commands take."""
+    if len(operands) != 1:
+        raise QimgError("Expecting one image file name", hint=True)
+    return operands[0]
 
 
 def check_cache(mode: str, source: bool = False) -> str:
@@ -112,5 +156,10 @@ def open_image(
     except QimgError as e:
         raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
     if img.probed and img.format == "raw" and not read_only:
-        sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))
+        warn_probed_raw(filename)
     return img
+
+
+def warn_probed_raw(filename: str) -> None:
+    """qemu's warning when a write may go to a raw image it only guessed."""
+    sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))

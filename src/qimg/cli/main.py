@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(prog: str, args: list[str]) -> int:
     from qimg.cli import usage
+    from qimg.cli.common import HelpRequested
 
     if not args:
         raise QimgError("Not enough arguments", hint=True)
@@ -84,4 +85,8 @@ def _dispatch(prog: str, args: list[str]) -> int:
         if e.name == f"qimg.cli.cmd_{cmd}":
             raise QimgError(f"Command not supported yet: {cmd}") from None
         raise
-    return mod.run(prog, args[1:])
+    try:
+        return mod.run(prog, args[1:])
+    except HelpRequested:
+        sys.stdout.write(usage.help_text(prog))
+        return 0
