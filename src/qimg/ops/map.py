@@ -20,8 +20,10 @@ from typing import Any, Callable, Iterator
 from qimg.block.status import DATA, OFFSET_VALID, ZERO
 from qimg.errors import QimgError
 
-#: qemu-img map asks for at most this much per block-status call
-REQUEST_LIMIT = 1 << 30
+#: qemu-img map asks for at most 1 GiB per block-status call; neighbours of
+#: one state merge into one entry anyway, so larger requests print the same
+#: and let a sparse petabyte image be mapped in a few steps
+REQUEST_LIMIT = 1 << 40
 
 
 @dataclass

@@ -126,6 +126,14 @@ class ClusterMap:
         n = 0
         cs = self.cluster_size
         while n < count:
+            if kind in (-1, UNALLOCATED):
+                gap = self._unmapped_clusters(cluster_index + n, count - n)
+                if gap:
+                    # L1 entries without an L2 table: unallocated in one step,
+                    # so a sparse petabyte image is not walked table by table.
+                    first, kind = (0, UNALLOCATED) if first is None else (first, kind)
+                    n += gap
+                    continue
             ents = self.entries(cluster_index + n, count - n)
             kinds = classify(ents)
             if first is None:
@@ -144,6 +152,26 @@ class ClusterMap:
             n += len(ents)
         assert first is not None
         return kind, n, first
+
+    def _unmapped_clusters(self, cluster_index: int, count: int) -> int:
+        """How many clusters from ``cluster_index`` (at most ``count``) lie
+        under L1 entries that have no L2 table; 0 if the first one has one."""
+        l1i = cluster_index >> self.l2_bits
+        if self.l2_offset(l1i):
+            return 0
+        last = (cluster_index + count - 1) >> self.l2_bits
+        nxt, width = l1i + 1, 64
+        # Look ahead in growing windows: the work is proportional to the gap,
+        # not to the rest of the table, however the tables alternate.
+        while nxt <= last:
+            window = self.l1[nxt:min(last + 1, nxt + width)] & np.uint64(L1E_OFFSET_MASK)
+            mapped = np.flatnonzero(window)
+            if len(mapped):
+                nxt += int(mapped[0])
+                break
+            nxt += len(window)
+            width *= 2
+        return min(count, (nxt << self.l2_bits) - cluster_index)
 
     # ---- writing back ---------------------------------------------------------
     def flush(self) -> None:
