@@ -75,13 +75,48 @@ def set_bitmap_in_use(path: "os.PathLike[str] | str", name: str) -> None:
         f.write(dirbuf)
 
 
-def set_snapshot_extra_size(path: "os.PathLike[str] | str", extra_size: int) -> None:
-    """Write ``extra_size`` into the first snapshot table entry of a qcow2
-    image (its field at byte 36 of the entry, docs/interop/qcow2.txt)."""
+def qemu_io_cmds(path: "os.PathLike[str] | str", fmt: str, *cmds: str) -> None:
+    """Run each of ``cmds`` through qemu-io on ``path`` (as format ``fmt``)."""
+    args: list[str] = []
+    for c in cmds:
+        args += ["-c", c]
+    run_qemu_io("-f", fmt, *args, str(path))
+
+
+def make_image(path: "os.PathLike[str] | str", size: str, *cmds: str, fmt: str = "raw",
+               extra: tuple[str, ...] = ()) -> str:
+    """qemu-img create an image, then write to it with qemu-io ``cmds``."""
+    assert run_qemu("create", "-f", fmt, *extra, str(path), size).returncode == 0
+    if cmds:
+        qemu_io_cmds(path, fmt, *cmds)
+    return str(path)
+
+
+def patched_copy(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", offset: int, fmt: str,
+                 value: int) -> None:
+    """Copy ``src`` to ``dst`` with one struct-packed field overwritten."""
     import struct
 
-    with open(path, "r+b") as f:
+    shutil.copy(src, dst)
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+#: qemu's hint after the error for a snapshot table entry with too much extra data
+FORCE_REMOVE_HINT = b"\nYou can force-remove this extra metadata with qemu-img check -r all\n"
+
+
+def make_bad_snapshot_table(directory: "os.PathLike[str]", name: str = "s.qcow2") -> None:
+    """A qcow2 image whose one snapshot claims more extra data than QEMU
+    accepts (1 MiB): every open fails with FORCE_REMOVE_HINT after it."""
+    import struct
+
+    assert run_qemu("create", "-q", "-f", "qcow2", name, "1M", cwd=str(directory)).returncode == 0
+    assert run_qemu("snapshot", "-c", "sn", name, cwd=str(directory)).returncode == 0
+    with open(os.path.join(directory, name), "r+b") as f:
         nb, table = struct.unpack(">IQ", f.read(72)[60:72])
-        assert nb > 0
+        assert nb == 1
+        # extra_data_size is at byte 36 of the entry (docs/interop/qcow2.txt)
         f.seek(table + 36)
-        f.write(struct.pack(">I", extra_size))
+        f.write(struct.pack(">I", (1 << 20) + 8))

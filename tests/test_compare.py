@@ -6,28 +6,19 @@ import shutil
 
 import pytest
 
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, set_snapshot_extra_size
-
-
-def _raw(path, size: str, *cmds: str) -> str:
-    assert run_qemu("create", "-f", "raw", str(path), size).returncode == 0
-    if cmds:
-        args = []
-        for c in cmds:
-            args += ["-c", c]
-        run_qemu_io("-f", "raw", *args, str(path))
-    return str(path)
+from conftest import (FORCE_REMOVE_HINT, assert_same, make_bad_snapshot_table, make_image, needs_qemu, run_qemu,
+                      run_qemu_io)
 
 
 @pytest.fixture
 def images(tmp_path):
-    a = _raw(tmp_path / "a.raw", "3M", "write -P 0x11 0 64k", "write -P 0x22 1M 4k",
+    a = make_image(tmp_path / "a.raw", "3M", "write -P 0x11 0 64k", "write -P 0x22 1M 4k",
              "write -P 0 1032k 4k", "write -P 0x33 2M 1k")
     shutil.copy(a, tmp_path / "b.raw")
     run_qemu_io("-f", "raw", "-c", "write -P 0x5 1500k 1k", str(tmp_path / "b.raw"))
     shutil.copy(a, tmp_path / "c.raw")
     run_qemu_io("-f", "raw", "-c", "write -P 0x11 1001k 1k", str(tmp_path / "c.raw"))
-    big = _raw(tmp_path / "big.raw", "4M")
+    big = make_image(tmp_path / "big.raw", "4M")
     with open(a, "rb") as f, open(big, "r+b") as g:
         g.write(f.read())
     shutil.copy(big, tmp_path / "bigdata.raw")
@@ -123,8 +114,6 @@ def test_compare_chains_like_qemu(chain, argv) -> None:
 @needs_qemu
 def test_damaged_snapshot_table_hint_as_qemu(tmp_path):
     """qemu's hint after the open error carries no program name."""
-    run_qemu("create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=str(tmp_path))
-    run_qemu("snapshot", "-c", "sn", "s.qcow2", cwd=str(tmp_path))
-    set_snapshot_extra_size(tmp_path / "s.qcow2", (1 << 20) + 8)
+    make_bad_snapshot_table(tmp_path)
     mine = assert_same(["compare", "s.qcow2", "s.qcow2"], str(tmp_path))
-    assert mine.stderr.endswith(b"\nYou can force-remove this extra metadata with qemu-img check -r all\n")
+    assert mine.stderr.endswith(FORCE_REMOVE_HINT)

@@ -8,27 +8,8 @@ import os
 
 import pytest
 
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg, same, set_snapshot_extra_size
-
-
-def _raw(path, size: str, *cmds: str) -> str:
-    assert run_qemu("create", "-f", "raw", str(path), size).returncode == 0
-    if cmds:
-        args = []
-        for c in cmds:
-            args += ["-c", c]
-        run_qemu_io("-f", "raw", *args, str(path))
-    return str(path)
-
-
-def _qcow2(path, size: str, *cmds: str, extra: tuple[str, ...] = ()) -> str:
-    assert run_qemu("create", "-f", "qcow2", *extra, str(path), size).returncode == 0
-    if cmds:
-        args = []
-        for c in cmds:
-            args += ["-c", c]
-        run_qemu_io("-f", "qcow2", *args, str(path))
-    return str(path)
+from conftest import (FORCE_REMOVE_HINT, assert_same, make_bad_snapshot_table, make_image, needs_qemu, run_qemu,
+                      run_qemu_io, run_qimg, same)
 
 
 def _map(path: str, fmt: str) -> list:
@@ -64,7 +45,7 @@ PATTERNED = (
 
 @needs_qemu
 def test_raw_to_raw_sparse_like_qemu(tmp_path) -> None:
-    src = _raw(tmp_path / "src.raw", "4M", *PATTERNED)
+    src = make_image(tmp_path / "src.raw", "4M", *PATTERNED)
     mine, theirs = _both(tmp_path, ["-p"], "raw", "raw", [src])
     _identical(src, mine, "raw", "raw")
     assert _map(mine, "raw") == _map(theirs, "raw")
@@ -75,7 +56,7 @@ def test_raw_to_raw_sparse_like_qemu(tmp_path) -> None:
 @needs_qemu
 @pytest.mark.parametrize("args", [["-S", "0"], ["-S", "64k"], ["-S", "12k"], ["-q"]])
 def test_raw_to_raw_sparse_sizes(tmp_path, args) -> None:
-    src = _raw(tmp_path / "src.raw", "4M", *PATTERNED, "write -P 0x55 3M 512", "write -P 0x66 3162112 512")
+    src = make_image(tmp_path / "src.raw", "4M", *PATTERNED, "write -P 0x55 3M 512", "write -P 0x66 3162112 512")
     mine, theirs = _both(tmp_path, ["-p", *args], "raw", "raw", [src])
     _identical(src, mine, "raw", "raw")
     assert _map(mine, "raw") == _map(theirs, "raw")
@@ -85,7 +66,7 @@ def test_raw_to_raw_sparse_sizes(tmp_path, args) -> None:
 def test_odd_size_and_several_sources(tmp_path) -> None:
     odd = tmp_path / "odd.raw"
     odd.write_bytes(os.urandom(1000) + bytes(3000) + b"x" * 77)
-    second = _raw(tmp_path / "two.raw", "1M", "write -P 0x7 512k 3k")
+    second = make_image(tmp_path / "two.raw", "1M", "write -P 0x7 512k 3k")
     mine, theirs = _both(tmp_path, ["-p"], "raw", "raw", [str(odd), second, str(odd)])
     with open(mine, "rb") as f, open(theirs, "rb") as g:
         assert f.read() == g.read()
@@ -94,10 +75,10 @@ def test_odd_size_and_several_sources(tmp_path) -> None:
 
 @needs_qemu
 def test_skip_create_into_existing_raw(tmp_path) -> None:
-    src = _raw(tmp_path / "src.raw", "2M", "write -P 0x1 0 8k", "write -P 0x2 1M 4k")
+    src = make_image(tmp_path / "src.raw", "2M", "write -P 0x1 0 8k", "write -P 0x2 1M 4k")
     outs = []
     for name, runner in (("mine.raw", run_qimg), ("theirs.raw", run_qemu)):
-        out = _raw(tmp_path / name, "3M", "write -P 0xee 0 3M")
+        out = make_image(tmp_path / name, "3M", "write -P 0xee 0 3M")
         p = runner("convert", "-n", "-f", "raw", "-O", "raw", src, out)
         assert p.returncode == 0 and p.stdout == b"" and p.stderr == b""
         outs.append(out)
@@ -144,8 +125,8 @@ ERRORS = [
 @needs_qemu
 @pytest.mark.parametrize("argv", ERRORS, ids=[" ".join(a[1:]) or "none" for a in ERRORS])
 def test_error_messages(tmp_path, argv) -> None:
-    _raw(tmp_path / "SRC", "1M", "write -P 1 0 4k")
-    _raw(tmp_path / "SMALL", "4k")
+    make_image(tmp_path / "SRC", "1M", "write -P 1 0 4k")
+    make_image(tmp_path / "SMALL", "4k")
     assert_same(argv, str(tmp_path))
     assert not os.path.exists(tmp_path / "OUT") or argv[1] in ("-t",)
 
@@ -160,7 +141,8 @@ def _chain(tmp_path) -> tuple[str, str]:
     """A qcow2 backing chain written by qemu-io: data, compressed clusters,
     zero writes (with and without unmap), a discard, an overlay larger than
     its backing file."""
-    base = _qcow2(tmp_path / "base.qcow2", "4M", "write -P 1 0 1M", "write -P 2 2M 64k", "write -c -P 3 3M 64k")
+    base = make_image(tmp_path / "base.qcow2", "4M", "write -P 1 0 1M", "write -P 2 2M 64k", "write -c -P 3 3M 64k",
+                      fmt="qcow2")
     top = str(tmp_path / "top.qcow2")
     assert run_qemu("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "5M").returncode == 0
     run_qemu_io("-f", "qcow2", "-c", "write -P 9 64k 64k", "-c", "write -z 256k 128k", "-c", "discard 2M 64k",
@@ -198,7 +180,7 @@ def test_qcow2_chain_like_qemu(tmp_path, out_fmt, args) -> None:
 
 @needs_qemu
 def test_raw_to_qcow2_compressed_and_concatenated(tmp_path) -> None:
-    src = _raw(tmp_path / "src.raw", "3M", *PATTERNED[:4])
+    src = make_image(tmp_path / "src.raw", "3M", *PATTERNED[:4])
     odd = tmp_path / "odd.raw"
     odd.write_bytes(os.urandom(70000))
     for args in (["-c"], []):
@@ -216,7 +198,7 @@ def test_skip_create_into_existing_qcow2(tmp_path) -> None:
     _base, top = _chain(tmp_path)
     outs = []
     for name, runner in (("mine.qcow2", run_qimg), ("theirs.qcow2", run_qemu)):
-        out = _qcow2(tmp_path / name, "6M", "write -P 0xee 0 6M")
+        out = make_image(tmp_path / name, "6M", "write -P 0xee 0 6M", fmt="qcow2")
         p = runner("convert", "-n", "-O", "qcow2", top, out)
         assert (p.returncode, p.stdout, p.stderr) == (0, b"", b"")
         outs.append(out)
@@ -230,7 +212,7 @@ def test_skip_create_into_existing_qcow2(tmp_path) -> None:
 def test_library_convert(tmp_path) -> None:
     from qimg.ops.convert import convert
 
-    src = _raw(tmp_path / "src.raw", "2M", "write -P 0x3 64k 64k")
+    src = make_image(tmp_path / "src.raw", "2M", "write -P 0x3 64k 64k")
     seen: list[float] = []
     out = str(tmp_path / "out.qcow2")
     convert([src], out, src_format="raw", out_format="qcow2", options="cluster_size=16k", progress=seen.append)
@@ -241,7 +223,7 @@ def test_library_convert(tmp_path) -> None:
 
 @needs_qemu
 def test_compressed_zstd_is_readable_by_qemu(tmp_path) -> None:
-    src = _raw(tmp_path / "src.raw", "2M", "write -P 0x11 0 200k", "write -P 0x22 1M 4k")
+    src = make_image(tmp_path / "src.raw", "2M", "write -P 0x11 0 200k", "write -P 0x22 1M 4k")
     out = str(tmp_path / "z.qcow2")
     p = run_qimg("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", src, out)
     assert (p.returncode, p.stderr) == (0, b"")
@@ -255,14 +237,14 @@ def test_compressed_zstd_is_readable_by_qemu(tmp_path) -> None:
 @needs_qemu
 @pytest.mark.parametrize("param", ["snapshot.foo=x", "snapshot.name=x", "x"])
 def test_snapshot_param_errors(tmp_path, param) -> None:
-    _qcow2(tmp_path / "s.qcow2", "1M", "write -P 1 0 4k")
+    make_image(tmp_path / "s.qcow2", "1M", "write -P 1 0 4k", fmt="qcow2")
     assert_same(["convert", "-O", "qcow2", "-l", param, "s.qcow2", "out.qcow2"], str(tmp_path))
 
 
 @needs_qemu
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 def test_compressed_source_to_raw(tmp_path, ctype) -> None:
-    src = _raw(tmp_path / "src.raw", "3M", *PATTERNED[:4])
+    src = make_image(tmp_path / "src.raw", "3M", *PATTERNED[:4])
     comp = str(tmp_path / "c.qcow2")
     assert run_qemu("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", f"compression_type={ctype}",
                     src, comp).returncode == 0
@@ -277,8 +259,6 @@ def test_compressed_source_to_raw(tmp_path, ctype) -> None:
 @pytest.mark.parametrize("args", [["convert", "-O", "raw", "s.qcow2", "t.raw"]])
 def test_damaged_snapshot_table_hint_as_qemu(tmp_path, args):
     """qemu's hint after the open error carries no program name."""
-    run_qemu("create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=str(tmp_path))
-    run_qemu("snapshot", "-c", "sn", "s.qcow2", cwd=str(tmp_path))
-    set_snapshot_extra_size(tmp_path / "s.qcow2", (1 << 20) + 8)
+    make_bad_snapshot_table(tmp_path)
     mine = assert_same(args, str(tmp_path))
-    assert mine.stderr.endswith(b"\nYou can force-remove this extra metadata with qemu-img check -r all\n")
+    assert mine.stderr.endswith(FORCE_REMOVE_HINT)

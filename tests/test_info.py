@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg, set_snapshot_extra_size
+from conftest import (FORCE_REMOVE_HINT, assert_same, make_bad_snapshot_table, needs_qemu, run_qemu, run_qemu_io,
+                      run_qimg)
 
 from qimg.ops import info as ops_info
 
@@ -198,8 +199,6 @@ def test_human_printer_on_qemus_json_chain(images):
 @pytest.mark.parametrize("args", [["info", "s.qcow2"], ["info", "--output=json", "s.qcow2"]])
 def test_damaged_snapshot_table_hint_as_qemu(tmp_path, args):
     """qemu's hint after the open error carries no program name."""
-    run_qemu("create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=str(tmp_path))
-    run_qemu("snapshot", "-c", "sn", "s.qcow2", cwd=str(tmp_path))
-    set_snapshot_extra_size(tmp_path / "s.qcow2", (1 << 20) + 8)
+    make_bad_snapshot_table(tmp_path)
     mine = assert_same(args, str(tmp_path))
-    assert mine.stderr.endswith(b"\nYou can force-remove this extra metadata with qemu-img check -r all\n")
+    assert mine.stderr.endswith(FORCE_REMOVE_HINT)

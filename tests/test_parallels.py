@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg
+from conftest import assert_same, needs_qemu, patched_copy, qemu_io_cmds, run_qemu, run_qimg
 
 pytestmark = needs_qemu
 
@@ -21,24 +21,10 @@ QEMU_IO_SCRIPT = [
 ]
 
 
-def _qemu_io(path, *cmds: str) -> None:
-    args = []
-    for c in cmds:
-        args += ["-c", c]
-    run_qemu_io("-f", "parallels", *args, str(path))
-
-
 def _raw(tool, path, out) -> bytes:
     p = tool("convert", "-f", "parallels", "-O", "raw", str(path), str(out))
     assert p.returncode == 0, p.stderr
     return out.read_bytes()
-
-
-def _patched(src, dst, offset: int, fmt: str, value: int) -> None:
-    shutil.copy(src, dst)
-    with open(dst, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, value))
 
 
 @pytest.mark.parametrize("opts", [[], ["-o", "cluster_size=4k"], ["-o", "cluster_size=1000"],
@@ -70,7 +56,7 @@ def test_create_messages(tmp_path, args):
 def test_qemu_written_image_reads_back(tmp_path, cluster):
     img = tmp_path / "a.img"
     assert run_qemu("create", "-q", "-f", "parallels", "-o", f"cluster_size={cluster}", str(img), "6M").returncode == 0
-    _qemu_io(img, *QEMU_IO_SCRIPT)
+    qemu_io_cmds(img, "parallels", *QEMU_IO_SCRIPT)
     assert _raw(run_qimg, img, tmp_path / "mine.raw") == _raw(run_qemu, img, tmp_path / "theirs.raw")
     for cmd in (["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"],
                 ["check"], ["check", "--output=json"]):
@@ -86,14 +72,14 @@ def test_qimg_writes_like_qemu_io(tmp_path):
                         str(tmp_path / name), "6M").returncode == 0
     writes = [(1000, b"\x11" * 5000), (1500 * 1024, b"\x22" * 700 * 1024), (1200 * 1024, b"\x44" * 10),
               (3 << 20, bytes(4096))]
-    _qemu_io(tmp_path / "r.img", *(f"write -P {d[0]} {o} {len(d)}" for o, d in writes))
+    qemu_io_cmds(tmp_path / "r.img", "parallels", *(f"write -P {d[0]} {o} {len(d)}" for o, d in writes))
     img = open_image(str(tmp_path / "q.img"), "parallels", read_only=False)
     for o, d in writes:
         img.driver.write(o, d)
     img.driver.write_zeroes(0, 4096)  # no zero clusters in parallels: written
     img.driver.discard(2 << 20, 64 << 10)  # no discard: ignored
     img.close()
-    _qemu_io(tmp_path / "r.img", "write -z 0 4k", "discard 2M 64k")
+    qemu_io_cmds(tmp_path / "r.img", "parallels", "write -z 0 4k", "discard 2M 64k")
     assert (tmp_path / "q.img").read_bytes() == (tmp_path / "r.img").read_bytes()
 
 
@@ -136,8 +122,8 @@ HOSTILE = [
 def test_hostile_headers(tmp_path, offset, fmt, value):
     img = tmp_path / "p.img"
     assert run_qemu("create", "-q", "-f", "parallels", str(img), "4M").returncode == 0
-    _qemu_io(img, "write -P 1 0 1M", "write -P 2 3M 4k")
-    _patched(img, tmp_path / "h.img", offset, fmt, value)
+    qemu_io_cmds(img, "parallels", "write -P 1 0 1M", "write -P 2 3M 4k")
+    patched_copy(img, tmp_path / "h.img", offset, fmt, value)
     for cmd in (["info", "h.img"], ["check", "h.img"], ["map", "--output=json", "h.img"],
                 ["convert", "-O", "raw", "h.img", "h.raw"]):
         assert_same(cmd, str(tmp_path))
@@ -157,9 +143,9 @@ def test_check_repair_matches_qemu(tmp_path, offset, fmt, value, repair):
     """check -r: same report, same exit code, same file afterwards."""
     img = tmp_path / "p.img"
     assert run_qemu("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", str(img), "4M").returncode == 0
-    _qemu_io(img, "write -P 1 0 100k", "write -P 2 3M 4k")
+    qemu_io_cmds(img, "parallels", "write -P 1 0 100k", "write -P 2 3M 4k")
     if offset:
-        _patched(img, tmp_path / "base.img", offset, fmt, value)
+        patched_copy(img, tmp_path / "base.img", offset, fmt, value)
     else:  # leaked space at the end
         shutil.copy(img, tmp_path / "base.img")
         with open(tmp_path / "base.img", "ab") as f:
@@ -177,7 +163,7 @@ def test_check_repair_matches_qemu(tmp_path, offset, fmt, value, repair):
 def test_unclean_image_refuses_write(tmp_path):
     img = tmp_path / "p.img"
     assert run_qemu("create", "-q", "-f", "parallels", str(img), "4M").returncode == 0
-    _patched(img, tmp_path / "u.img", 44, "<I", 0x746F6E59)
+    patched_copy(img, tmp_path / "u.img", 44, "<I", 0x746F6E59)
     shutil.copy(tmp_path / "u.img", tmp_path / "u2.img")
     mine = run_qimg("convert", "-n", "-O", "parallels", str(img), "u.img", cwd=tmp_path)
     theirs = run_qemu("convert", "-n", "-O", "parallels", str(img), "u2.img", cwd=tmp_path)
@@ -226,7 +212,7 @@ def _bitmap(sectors: int = 8192, granularity: int = 128, l1: int = 1, entries: t
 def test_format_extension(tmp_path, features, good_sum):
     img = tmp_path / "p.img"
     assert run_qemu("create", "-q", "-f", "parallels", "-o", "cluster_size=4k", str(img), "4M").returncode == 0
-    _qemu_io(img, "write -P 1 0 8k")
+    qemu_io_cmds(img, "parallels", "write -P 1 0 8k")
     _with_extension(img, tmp_path / "e.img", features, good_sum=good_sum)
     for cmd in (["info", "e.img"], ["check", "e.img"], ["map", "--output=json", "e.img"]):
         assert_same(cmd, str(tmp_path))
@@ -256,7 +242,7 @@ def test_old_magic_image(tmp_path):
 
     img = tmp_path / "p.img"
     assert run_qemu("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", str(img), "4M").returncode == 0
-    _qemu_io(img, "write -P 1 0 100k", "write -P 2 3M 4k")
+    qemu_io_cmds(img, "parallels", "write -P 1 0 100k", "write -P 2 3M 4k")
     _old_magic(img, tmp_path / "o.img")
     assert _raw(run_qimg, tmp_path / "o.img", tmp_path / "m.raw") == _raw(run_qemu, tmp_path / "o.img",
                                                                            tmp_path / "t.raw")
@@ -264,7 +250,7 @@ def test_old_magic_image(tmp_path):
         assert_same(cmd, str(tmp_path))
     # writes allocate sector-numbered clusters there too
     shutil.copy(tmp_path / "o.img", tmp_path / "w.img")
-    _qemu_io(tmp_path / "o.img", "write -P 3 2M 70k")
+    qemu_io_cmds(tmp_path / "o.img", "parallels", "write -P 3 2M 70k")
     opened = open_image(str(tmp_path / "w.img"), "parallels", read_only=False)
     opened.driver.write(2 << 20, b"\3" * 70 * 1024)
     opened.close()
@@ -275,7 +261,7 @@ def test_bat_cut_by_eof(tmp_path):
     """A BAT that ends inside an entry: the missing bytes read as zeroes."""
     img = tmp_path / "p.img"
     assert run_qemu("create", "-q", "-f", "parallels", "-o", "cluster_size=4k", str(img), "1M").returncode == 0
-    _qemu_io(img, "write -P 1 0 64k")
+    qemu_io_cmds(img, "parallels", "write -P 1 0 64k")
     (tmp_path / "c.img").write_bytes(img.read_bytes()[:78])
     for cmd in (["map", "--output=json", "c.img"], ["check", "c.img"], ["convert", "-O", "raw", "c.img", "c.raw"]):
         assert_same(cmd, str(tmp_path))

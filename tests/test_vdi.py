@@ -4,12 +4,11 @@ both ways, hostile headers."""
 from __future__ import annotations
 
 import shutil
-import struct
 import uuid
 
 import pytest
 
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg
+from conftest import assert_same, needs_qemu, patched_copy, qemu_io_cmds, run_qemu, run_qemu_io, run_qimg
 
 pytestmark = needs_qemu
 
@@ -31,24 +30,10 @@ def _masked(data: bytes) -> bytes:
     return bytes(buf)
 
 
-def _qemu_io(path, *cmds: str) -> None:
-    args = []
-    for c in cmds:
-        args += ["-c", c]
-    run_qemu_io("-f", "vdi", *args, str(path))
-
-
 def _raw(tool, path, out) -> bytes:
     p = tool("convert", "-f", "vdi", "-O", "raw", str(path), str(out))
     assert p.returncode == 0, p.stderr
     return out.read_bytes()
-
-
-def _patched(src, dst, offset: int, fmt: str, value: int) -> None:
-    shutil.copy(src, dst)
-    with open(dst, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, value))
 
 
 @pytest.mark.parametrize("opts", [[], ["-o", "static=on"], ["-o", "preallocation=falloc"]])
@@ -86,7 +71,7 @@ def test_create_messages(tmp_path, args):
 def test_qemu_written_image_reads_back(tmp_path, static):
     img = tmp_path / "a.vdi"
     assert run_qemu("create", "-q", "-f", "vdi", "-o", f"static={static}", str(img), "6M").returncode == 0
-    _qemu_io(img, *QEMU_IO_SCRIPT)
+    qemu_io_cmds(img, "vdi", *QEMU_IO_SCRIPT)
     assert _raw(run_qimg, img, tmp_path / "mine.raw") == _raw(run_qemu, img, tmp_path / "theirs.raw")
     for cmd in (["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"],
                 ["check"], ["check", "--output=json"], ["check", "-r", "all"], ["check", "-r", "leaks"]):
@@ -113,7 +98,7 @@ def test_qimg_writes_like_qemu_io(tmp_path):
         assert run_qemu("create", "-q", "-f", "vdi", str(tmp_path / name), "6M").returncode == 0
     # both start from the same UUIDs
     shutil.copy(tmp_path / "r.vdi", tmp_path / "q.vdi")
-    _qemu_io(tmp_path / "r.vdi", "write -P 0x11 1000 5000", "write -P 0x22 1500k 700k", "write -P 0x44 1200k 10")
+    qemu_io_cmds(tmp_path / "r.vdi", "vdi", "write -P 0x11 1000 5000", "write -P 0x22 1500k 700k", "write -P 0x44 1200k 10")
     img = open_image(str(tmp_path / "q.vdi"), "vdi", read_only=False)
     img.driver.write(1000, b"\x11" * 5000)
     img.driver.write(1500 * 1024, b"\x22" * 700 * 1024)
@@ -166,8 +151,8 @@ HOSTILE = [
 def test_hostile_headers(tmp_path, offset, fmt, value):
     img = tmp_path / "v.vdi"
     assert run_qemu("create", "-q", "-f", "vdi", str(img), "4M").returncode == 0
-    _qemu_io(img, "write -P 1 0 1M", "write -P 2 3M 4k")
-    _patched(img, tmp_path / "h.vdi", offset, fmt, value)
+    qemu_io_cmds(img, "vdi", "write -P 1 0 1M", "write -P 2 3M 4k")
+    patched_copy(img, tmp_path / "h.vdi", offset, fmt, value)
     if value == 0x1FFFFF80:
         # checking every entry of a 2 GiB map would print 500 million lines
         cmds = [["info", "h.vdi"], ["map", "h.vdi"]]
@@ -205,7 +190,7 @@ def test_map_cut_by_eof(tmp_path):
     """A block map that ends inside an entry: the missing bytes read as zeroes."""
     img = tmp_path / "v.vdi"
     assert run_qemu("create", "-q", "-f", "vdi", str(img), "8M").returncode == 0
-    _qemu_io(img, "write -P 1 0 8M")
+    qemu_io_cmds(img, "vdi", "write -P 1 0 8M")
     (tmp_path / "c.vdi").write_bytes(img.read_bytes()[:518])
     for cmd in (["map", "--output=json", "c.vdi"], ["check", "c.vdi"], ["convert", "-O", "raw", "c.vdi", "c.raw"]):
         assert_same(cmd, str(tmp_path))
