@@ -163,6 +163,8 @@ class ClusterMap:
         nxt, width = l1i + 1, 64
         # Look ahead in growing windows: the work is proportional to the gap,
         # not to the rest of the table, however the tables alternate.
+        # Past the end of the L1 table nothing is mapped.
+        last = min(last, len(self.l1) - 1)
         while nxt <= last:
             window = self.l1[nxt:min(last + 1, nxt + width)] & np.uint64(L1E_OFFSET_MASK)
             mapped = np.flatnonzero(window)
@@ -171,6 +173,8 @@ class ClusterMap:
                 break
             nxt += len(window)
             width *= 2
+        if nxt > last:
+            return count
         return min(count, (nxt << self.l2_bits) - cluster_index)
 
     # ---- writing back ---------------------------------------------------------
