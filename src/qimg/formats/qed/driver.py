@@ -329,30 +329,6 @@ class QedDriver(Driver):
         self.file_size += nclusters * self.cluster_size
         return offset
 
-    def change_backing_file(self, backing_file: str | None, backing_format: str | None) -> None:
-        """Rewrite the header and the name after it in one write, as
-        bdrv_qed_co_change_backing_file."""
-        self._writable()
-        h = self.header
-        if backing_file and h.compat_features & ~H.QED_COMPAT_FEATURE_MASK:
-            raise UnsupportedError("Operation not supported")
-        new = H.QedHeader(**vars(h))
-        new.features &= ~(H.QED_F_BACKING_FILE | H.QED_F_BACKING_FORMAT_NO_PROBE)
-        name = backing_file.encode() if backing_file else b""
-        if backing_file:
-            new.features |= H.QED_F_BACKING_FILE
-            if backing_format == "raw":
-                new.features |= H.QED_F_BACKING_FORMAT_NO_PROBE
-        new.backing_filename_offset = H.HEADER.size
-        new.backing_filename_size = len(name)
-        if H.HEADER.size + len(name) > new.header_size * new.cluster_size:
-            raise QimgError("No space left on device")
-        self.file.pwrite(0, new.pack() + name)
-        self.file.flush()
-        self.header = new
-        self._backing_name = backing_file or None
-        self._backing_fmt = "raw" if backing_file and backing_format == "raw" else None
-
     def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
         self._writable()
         if prealloc != "off":
