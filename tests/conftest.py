@@ -18,19 +18,24 @@ needs_qemu = pytest.mark.skipif(
 )
 
 
+# A hung command must fail its test, not stall the whole run.
+TIMEOUT = 120
+
+
 def run_qimg(*args: str, cwd: str | None = None, input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run ``qemu-img``-named qimg so that messages match qemu-img's byte for byte."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     code = "import sys; sys.argv[0] = 'qemu-img'; from qimg.cli.main import main; raise SystemExit(main())"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, cwd=cwd, env=env, input=input)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, cwd=cwd, env=env, input=input,
+                          timeout=TIMEOUT)
 
 
 def run_qemu(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", *args], capture_output=True, cwd=cwd)
+    return subprocess.run(["qemu-img", *args], capture_output=True, cwd=cwd, timeout=TIMEOUT)
 
 
 def run_qemu_io(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    p = subprocess.run(["qemu-io", *args], capture_output=True, cwd=cwd)
+    p = subprocess.run(["qemu-io", *args], capture_output=True, cwd=cwd, timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr
     return p
 

@@ -107,6 +107,9 @@ class Qcow2Driver(Driver):
         self._snapshots_size = 0
         self.header = self._read_header()
         h = self.header
+        #: where guest data clusters live: the image file itself, or the
+        #: external data file (host offset == guest offset there)
+        self.data_file = self.file
         self.cluster_bits = h.cluster_bits
         self.cluster_size = h.cluster_size
         self.size = h.size

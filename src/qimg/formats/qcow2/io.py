@@ -47,7 +47,7 @@ def defer_data_writes(d: "Qcow2Driver", pwrite: "Callable[[int, object], None] |
 def _data_pwrite(d: "Qcow2Driver", host: int, buf) -> None:
     deferred = getattr(d, "_deferred", None)
     if deferred is None:
-        d.file.pwrite(host, buf)
+        d.data_file.pwrite(host, buf)
     else:
         deferred[0](host, buf)
 
@@ -72,7 +72,7 @@ def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
         kind, n, first = d.map.run(ci, ((offset + length - 1) >> cb) - ci + 1)
         if offset + length <= (ci + n) << cb:
             if kind == NORMAL:
-                return d.file.pread((first & L2E_OFFSET_MASK) + (offset & (cs - 1)), length)
+                return d.data_file.pread((first & L2E_OFFSET_MASK) + (offset & (cs - 1)), length)
             if kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED and d.backing is None):
                 return bytes(length)
     out = bytearray(length)
@@ -85,7 +85,7 @@ def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
         run_end = min(end, (ci + n) << cb)
         if kind == NORMAL:
             host = (first & L2E_OFFSET_MASK) + (pos & (cs - 1))
-            d.file.preadinto(host, view[pos - offset:run_end - offset])
+            d.data_file.preadinto(host, view[pos - offset:run_end - offset])
         elif kind == COMPRESSED:
             p = pos
             while p < run_end:
@@ -118,7 +118,7 @@ def _cluster_content(d: "Qcow2Driver", ci: int) -> bytearray:
     kind, _, first = d.map.run(ci, 1)
     if kind == NORMAL:
         _drain(d)
-        return bytearray(d.file.pread(first & L2E_OFFSET_MASK, cs))
+        return bytearray(d.data_file.pread(first & L2E_OFFSET_MASK, cs))
     if kind == COMPRESSED:
         return bytearray(_decompressed(d, first))
     if kind == UNALLOCATED and d.backing is not None:
@@ -233,6 +233,13 @@ def _release(d: "Qcow2Driver", old: np.ndarray, punch: bool = False) -> None:
     d.map.flush()
     cs = d.cluster_size
     refs = d.refs
+    if d.data_file is not d.file:
+        # Data clusters in an external file carry no refcounts.
+        if punch:
+            _drain(d)
+            for h in hosts[plain].tolist():
+                d.data_file.write_zeroes(h, cs)
+        return
     if len(plain):
         hs = np.sort(hosts[plain])
         # Free contiguous host runs in one update each.
@@ -251,6 +258,17 @@ def _release(d: "Qcow2Driver", old: np.ndarray, punch: bool = False) -> None:
     fbo = d._free_byte_offset
     if fbo and refs.get(fbo >> d.cluster_bits) == 0:
         d._free_byte_offset = 0
+
+
+def alloc_data(d: "Qcow2Driver", guest: int, nbytes: int) -> int:
+    """Host offset for new data clusters at guest offset ``guest``: in an
+    external data file a cluster lives at its guest offset and has no
+    refcount; otherwise it is a fresh run of the image file."""
+    if d.data_file is not d.file:
+        return guest
+    host = d.refs.alloc(nbytes)
+    check_overlap(d, host, nbytes)
+    return host
 
 
 # ---- writes ------------------------------------------------------------------------
@@ -314,8 +332,7 @@ def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) 
     start = ci << cb
     head = pos - start
     tail = (n << cb) - head - len(data)
-    host = d.refs.alloc(n << cb)
-    check_overlap(d, host, n << cb)
+    host = alloc_data(d, start, n << cb)
     if head or tail:
         # Only the partial edge clusters are assembled in memory (with the
         # copy-on-write data around the new bytes); the middle goes straight.
