@@ -163,3 +163,35 @@ def open_image(
 def warn_probed_raw(filename: str) -> None:
     """qemu's warning when a write may go to a raw image it only guessed."""
     sys.stderr.write(_RAW_PROBE_WARNING.format(name=filename))
+
+
+@dataclass
+class SnapshotParam:
+    """``-l`` of convert and measure: which internal snapshot to read.
+    ``exact``: the id and name were given as ``snapshot.id=``/``snapshot.name=``
+    and must match as given; else ``snapshot_id`` is an ID or a name."""
+
+    snapshot_id: str | None
+    name: str | None = None
+    exact: bool = False
+
+
+def parse_snapshot_param(prog: str, text: str) -> SnapshotParam:
+    """Parse ``-l`` as qemu-img does while reading its options: a value
+    starting with ``snapshot.`` is a key=value list of snapshot.id and
+    snapshot.name, anything else an ID or a name."""
+    if not text.startswith("snapshot."):
+        return SnapshotParam(text)
+    found = SnapshotParam(None, None, True)
+    for key, value in split_options(text):
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise QimgError(f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
+        if value is None:
+            sys.stderr.write(f"{prog}: warning: short-form boolean option '{key}' deprecated\n"
+                             f"Please use {key}=on instead\n")
+            value = "on"
+        if key == "snapshot.id":
+            found.snapshot_id = value
+        else:
+            found.name = value
+    return found
