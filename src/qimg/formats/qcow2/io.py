@@ -656,7 +656,8 @@ def preallocate_metadata(d: "Qcow2Driver", start: int, end: int) -> None:
                 ci += 1
                 continue
             n = int(skip[0])
-        host = d.refs.alloc(n << cb)
+        # (an external data file holds a cluster at its guest offset, with no refcount)
+        host = ci << cb if d.data_file is not d.file else d.refs.alloc(n << cb)
         tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
         d.map.mark_dirty(_l2_offset(d, l1i))
         host_end = host + (n << cb)
@@ -666,7 +667,7 @@ def preallocate_metadata(d: "Qcow2Driver", start: int, end: int) -> None:
         if ci <= last and not (ci & ((1 << l2_bits) - 1)) and n == (1 << l2_bits) - i:
             _ensure_l2(d, ci >> l2_bits)
     d.flush_metadata()
-    if host_end > d.file.size:
+    if d.data_file is d.file and host_end > d.file.size:
         d.file.truncate(host_end)
 
 
