@@ -9,12 +9,13 @@ every create error; the create command adds it.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
 from qimg.block.options import BOOL, NUMBER, SIZE, STRING, OptionSpec
 from qimg.errors import QimgError, UnsupportedError
-from qimg.formats.qcow2 import header as H
+from qimg.formats.qcow2 import datafile, header as H
 
 _CLUSTER_SIZE_HELP = "qcow2 cluster size"
 
@@ -92,8 +93,10 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
                         "and above (use version=v3 or greater)")
     if o.get("extended_l2"):
         raise UnsupportedError("Extended L2 entries are not supported yet")
-    if o.get("data_file") or o.get("data_file_raw"):
-        raise UnsupportedError("External data files are not supported yet")
+    datafile.validate_create(o, version)
+    if o.get("data_file_raw") and prealloc == "off":
+        # the raw data file must match the metadata: map every cluster
+        prealloc = "metadata"
     cluster_bits = cluster_size.bit_length() - 1
     size = (size + 511) // 512 * 512
     l2_shift = cluster_bits + cluster_bits - 3
@@ -101,6 +104,7 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
         raise QimgError("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
     return dict(size=size, version=version, prealloc=prealloc, ctype=ctype, cluster_bits=cluster_bits,
                 refcount_order=refcount_bits.bit_length() - 1, lazy=lazy,
+                data_file=o.get("data_file") or None, data_file_raw=bool(o.get("data_file_raw")),
                 backing_file=o.get("backing_file") or None, backing_fmt=o.get("backing_fmt") or None)
 
 
@@ -120,11 +124,23 @@ def create_image(filename: str, size: int, options: dict[str, Any]) -> None:
     if v["ctype"] == "zstd":
         h.compression_type = H.COMPRESSION_ZSTD
         h.incompatible_features |= H.INCOMPAT_COMPRESSION
+    if v["data_file"]:
+        h.incompatible_features |= H.INCOMPAT_DATA_FILE
+        h.data_file = v["data_file"]
+    if v["data_file_raw"]:
+        h.autoclear_features |= H.AUTOCLEAR_DATA_FILE_RAW
     h.backing_file = v["backing_file"]
     h.backing_format = v["backing_fmt"] if v["backing_file"] else None
     # QEMU leaves the feature name table out of clusters of 4 KiB and less.
     first = h.pack(include_feature_table=cs > 4096)
     with File(filename, read_only=False, create=True) as f:
+        if v["data_file"]:
+            try:
+                datafile.create_file(v["data_file"]).close()
+            except QimgError:
+                f.close()
+                os.unlink(filename)
+                raise
         f.pwrite(0, first + bytes(cs - len(first)))
         # Refcount table with one block at cluster 2, which counts clusters 0..2.
         table = struct.pack(">Q", 2 * cs) + bytes(cs - 8)
@@ -151,16 +167,18 @@ def _set_refcount(block: bytearray, index: int, value: int, width: int) -> None:
 
 def _grow(filename: str, size: int, prealloc: str) -> None:
     """Open the fresh image and give it its size (qcow2_co_truncate)."""
-    from qimg.formats.qcow2 import io
     from qimg.formats.qcow2.driver import Qcow2Driver
     from qimg.protocols.file import File
 
     f = File(filename, read_only=False)
+    d = None
     try:
         d = Qcow2Driver.open(f, read_only=False)
         d._modified = True
-        io.truncate(d, size, prealloc, False)
+        datafile.truncate(d, size, prealloc, False)
         d.flush_metadata()
         d._modified = False
     finally:
+        if d is not None:
+            datafile.close_data_file(d)
         f.close()
