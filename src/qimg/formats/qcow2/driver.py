@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from qimg.formats.qcow2.cluster import ClusterMap
     from qimg.formats.qcow2.refcount import Refcounts
     from qimg.formats.qcow2.snapshot import QCowSnapshot
+    from qimg.protocols.file import File
 
 #: QEMU's limits against hostile headers
 QCOW_MAX_L1_SIZE = 32 << 20
@@ -124,6 +125,9 @@ class Qcow2Driver(Driver):
         if not options.get("check"):
             _ = self.snapshots
         self._open_bitmaps()
+        from qimg.formats.qcow2.datafile import open_data_file
+
+        open_data_file(self, options)
 
     def _read_header(self) -> H.QCowHeader:
         buf = self.file.pread(0, 4096)
@@ -186,8 +190,6 @@ class Qcow2Driver(Driver):
             raise QimgError("L1 table is too small")
         if not _validate_table_offset(h.l1_table_offset, h.l1_size, 8, cs):
             raise QimgError("Active L1 table offset invalid")
-        if h.incompatible_features & H.INCOMPAT_DATA_FILE or h.data_file:
-            raise UnsupportedError("qcow2 images with an external data file are not supported yet")
         if h.extended_l2:
             raise UnsupportedError("qcow2 images with extended L2 entries are not supported yet")
 
@@ -235,7 +237,9 @@ class Qcow2Driver(Driver):
 
     def info_specific(self) -> dict[str, Any] | None:
         h = self.header
-        data: dict[str, Any] = {"compat": "0.10" if h.version == 2 else "1.1",
+        from qimg.formats.qcow2.datafile import info_fields
+
+        data: dict[str, Any] = {"compat": "0.10" if h.version == 2 else "1.1", **info_fields(h),
                                 "compression-type": H.COMPRESSION_NAMES.get(h.compression_type, "zlib")}
         if h.version >= 3:
             data["lazy-refcounts"] = bool(h.compatible_features & H.COMPAT_LAZY_REFCOUNTS)
@@ -340,7 +344,11 @@ class Qcow2Driver(Driver):
             host = (first & C.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
         if offset + run >= self.size:
             flags |= EOF
-        return Extent(offset, run, flags, host, self.file.filename if host is not None else None)
+        return Extent(offset, run, flags, host, self.data_file.filename if host is not None else None)
+
+    @property
+    def data_node(self) -> "File":
+        return self.data_file
 
     def _metadata_preallocated(self) -> bool:
         """QEMU's qcow2_detect_metadata_preallocation: far more clusters are
@@ -393,8 +401,11 @@ class Qcow2Driver(Driver):
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         from qimg.formats.qcow2 import io
 
+        from qimg.formats.qcow2.datafile import zero_data
+
         self._writable()
         self._mark_dirty(offset, length)
+        zero_data(self, offset, length)
         io.write_zeroes(self, offset, length, unmap)
 
     def discard(self, offset: int, length: int) -> None:
@@ -410,7 +421,7 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2.compress import compress_cluster
 
         comp = compress_cluster(data, self.cluster_size, self.header.compression_type)
-        if comp is None:
+        if comp is None and self.data_file is self.file:
             self.write(offset, data)
         else:
             self.write_compressed_raw(offset, comp)
@@ -421,13 +432,15 @@ class Qcow2Driver(Driver):
         ``self.header.compression_type``) at cluster-aligned guest
         ``offset``.  Calls must be made in order from one thread."""
         from qimg.formats.qcow2 import io
+        from qimg.formats.qcow2.datafile import refuse
 
+        refuse(self, f"error while writing at byte {offset}: Operation not supported")
         self._writable()
         self._mark_dirty(offset, self.cluster_size)
         io.write_compressed_raw(self, offset, compressed)
 
     def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
-        from qimg.formats.qcow2 import io
+        from qimg.formats.qcow2 import datafile
 
         if size % 512 == 0 and self.header.version < 3 and self.header.nb_snapshots:
             raise UnsupportedError("Can't resize a v2 image which has snapshots")
@@ -437,7 +450,7 @@ class Qcow2Driver(Driver):
         if self._bitmaps is not None:
             self._bitmaps.prepare_resize()
         self._writable()
-        io.truncate(self, size, prealloc, shrink)
+        datafile.truncate(self, size, prealloc, shrink)
         if self._bitmaps is not None:
             self._bitmaps.finish_resize()
 
@@ -452,6 +465,8 @@ class Qcow2Driver(Driver):
 
     def flush(self) -> None:
         self.flush_metadata()
+        if self.data_file is not self.file:
+            self.data_file.flush()
         self.file.flush()
 
     def close(self) -> None:
@@ -464,6 +479,9 @@ class Qcow2Driver(Driver):
                 self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
                 self._set_dirty = False
             self._modified = False
+        from qimg.formats.qcow2.datafile import close_data_file
+
+        close_data_file(self)
 
     # ---- internal snapshots (formats/qcow2/snapshot.py) ------------------------------
     @property
@@ -485,6 +503,10 @@ class Qcow2Driver(Driver):
 
         if self.read_only:
             raise QimgError("Image is read-only")
+        if self.data_file is not self.file:
+            e = QimgError("Operation not supported")
+            e.errno = 95  # type: ignore[attr-defined]
+            raise e
         snapshot.create(self, name, date_sec, date_nsec)
 
     def snapshot_goto(self, id_or_name: str) -> None:
@@ -492,6 +514,8 @@ class Qcow2Driver(Driver):
 
         if self.read_only:
             raise QimgError("Image is read-only")
+        if self.data_file is not self.file:
+            raise UnsupportedError("Operation not supported")
         snapshot.goto(self, id_or_name)
 
     def snapshot_delete(self, snapshot_id: str | None, name: str | None) -> None:
