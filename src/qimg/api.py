@@ -26,6 +26,7 @@ _OPS = {
     "check": "check",
     "convert": "convert",
     "compare": "compare",
+    "dd": "dd",
 }
 
 __all__ = ["open", "Image", *_OPS]
