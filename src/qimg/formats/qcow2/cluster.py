@@ -39,10 +39,14 @@ COMPRESSED = 4
 L2_CACHE_BYTES = 32 << 20
 
 
-def classify(entries: np.ndarray) -> np.ndarray:
-    """The cluster type of each L2 entry (uint64 array in, uint8 array out)."""
+def classify(entries: np.ndarray, data_file: bool = False) -> np.ndarray:
+    """The cluster type of each L2 entry (uint64 array in, uint8 array out).
+    With an external ``data_file`` host offset 0 is a real cluster (guest
+    cluster 0): such entries always carry QCOW_OFLAG_COPIED, which tells
+    them from unallocated ones (qcow2_get_cluster_type)."""
     comp = (entries & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
-    has_off = (entries & np.uint64(L2E_OFFSET_MASK)) != 0
+    off_mask = L2E_OFFSET_MASK | QCOW_OFLAG_COPIED if data_file else L2E_OFFSET_MASK
+    has_off = (entries & np.uint64(off_mask)) != 0
     zero = (entries & np.uint64(QCOW_OFLAG_ZERO)) != 0
     kinds = np.where(has_off, NORMAL, UNALLOCATED).astype(np.uint8)
     kinds[zero] = np.where(has_off[zero], ZERO_ALLOC, ZERO_PLAIN)
@@ -57,6 +61,8 @@ class ClusterMap:
         self.file = file
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
+        #: guest data lives in an external data file (see classify)
+        self.data_file = False
         self.l2_bits = cluster_bits - 3
         self.l2_size = 1 << self.l2_bits
         self.l1_offset = l1_offset
@@ -135,7 +141,7 @@ class ClusterMap:
                     n += gap
                     continue
             ents = self.entries(cluster_index + n, count - n)
-            kinds = classify(ents)
+            kinds = classify(ents, self.data_file)
             if first is None:
                 first = int(ents[0])
                 kind = int(kinds[0])

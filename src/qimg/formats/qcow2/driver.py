@@ -283,6 +283,7 @@ class Qcow2Driver(Driver):
             h = self.header
             self._map = ClusterMap(self.file, h.cluster_bits, h.l1_table_offset, h.l1_size)
             self._map.before_l2_flush = self._flush_refs
+            self._map.data_file = self.data_file is not self.file
         return self._map
 
     @property

@@ -224,7 +224,7 @@ def _release(d: "Qcow2Driver", old: np.ndarray, punch: bool = False) -> None:
     the guest asked for it (discard, zero write with unmap), so clusters
     left unreferenced are discarded in the file too, as QEMU passes such
     requests down."""
-    kinds = classify(old)
+    kinds = classify(old, d.map.data_file)
     hosts = old & _U64(L2E_OFFSET_MASK)
     plain = np.flatnonzero((kinds == NORMAL) | (kinds == ZERO_ALLOC))
     comp = np.flatnonzero(kinds == COMPRESSED)
@@ -287,7 +287,7 @@ def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
             # all unallocated (a new image): one allocating write
             inplace_first, n = False, len(ents)
         else:
-            kinds = classify(ents)
+            kinds = classify(ents, d.map.data_file)
             # Clusters we own alone (COPIED) are written in place, zero clusters
             # with a host cluster too (as QEMU's handle_copied does).
             inplace = ((kinds == NORMAL) | (kinds == ZERO_ALLOC)) & ((ents & _U64(QCOW_OFLAG_COPIED)) != 0)
@@ -502,7 +502,7 @@ def _zeroize(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
         n = min(last + 1 - ci, (1 << l2_bits) - i)
         tab = _ensure_l2(d, l1i)
         old = tab[i:i + n].copy()
-        kinds = classify(old)
+        kinds = classify(old, d.map.data_file)
         drop = (kinds == COMPRESSED) | (unmap & ((kinds == NORMAL) | (kinds == ZERO_ALLOC)))
         new = np.where(drop, _U64(0), old) | _U64(QCOW_OFLAG_ZERO)
         if (new != old).any():
@@ -537,7 +537,7 @@ def _discard_clusters(d: "Qcow2Driver", offset: int, length: int) -> None:
         i = ci & ((1 << l2_bits) - 1)
         n = min(last + 1 - ci, (1 << l2_bits) - i)
         old = d.map.entries(ci, n).copy()
-        kinds = classify(old)
+        kinds = classify(old, d.map.data_file)
         allocated = (kinds == NORMAL) | (kinds == ZERO_ALLOC) | (kinds == COMPRESSED)
         touch = allocated | (d.backing is not None)
         new = np.where(touch, _U64(QCOW_OFLAG_ZERO if v3 else 0), old)
