@@ -118,6 +118,10 @@ class Qcow2Driver(Driver):
         self.encrypted = bool(h.crypt_method)
         if h.incompatible_features & H.INCOMPAT_CORRUPT and not self.read_only:
             raise QimgError("qcow2: Image is corrupt; cannot be opened read/write")
+        from qimg.formats.qcow2.datafile import open_data_file
+
+        # before the dirty repair, snapshots and bitmaps, as in qcow2_do_open
+        open_data_file(self, options)
         if h.incompatible_features & H.INCOMPAT_DIRTY and not self.read_only:
             self._repair_dirty()
         # QEMU reads the snapshot table on open, except in check mode,
@@ -125,9 +129,6 @@ class Qcow2Driver(Driver):
         if not options.get("check"):
             _ = self.snapshots
         self._open_bitmaps()
-        from qimg.formats.qcow2.datafile import open_data_file
-
-        open_data_file(self, options)
 
     def _read_header(self) -> H.QCowHeader:
         buf = self.file.pread(0, 4096)
