@@ -32,6 +32,7 @@ import numpy as np
 
 from qimg.block.check import CheckResult
 from qimg.errors import QimgError
+from qimg.protocols.file import keep_freed_buffers
 from qimg.formats.qcow2.header import (
     AUTOCLEAR_BITMAPS,
     INCOMPAT_CORRUPT,
@@ -75,7 +76,7 @@ BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
 BME_MAX_PHYS_SIZE = 64 << 20
 BME_MAX_TABLE_SIZE = 0x8000000
 #: bytes of L2 tables read and processed at once
-_BATCH_BYTES = 8 << 20
+_BATCH_BYTES = 2 << 20
 
 _U64 = np.uint64
 
@@ -151,7 +152,7 @@ class RefcountView:
         self._blocks: dict[int, np.ndarray | str | None] = {}
         #: lookups of clusters below this use one dense array of refcounts
         self.dense_limit = 1 << 22
-        self._dense: tuple[np.ndarray, np.ndarray] | None = None
+        self._dense: tuple[np.ndarray, np.ndarray | None] | None = None
         #: called once per bad block met: (refblock offset, reftable index)
         self._on_bad = on_bad
 
@@ -172,20 +173,53 @@ class RefcountView:
         self._blocks[index] = blk
         return blk
 
-    def range(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(refcounts, unreadable mask) of clusters 0..n-1."""
-        values = np.zeros(n, dtype=np.uint64)
-        bad = np.zeros(n, dtype=bool)
+    def range(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(refcounts, unreadable mask or None when all are readable) of
+        clusters 0..n-1.
+
+        The refcounts keep the on-disk width (a 16-bit image's take a
+        quarter of the memory uint64 would), and refcount blocks are read
+        straight into the array, neighbours on the host with one request."""
         per = 1 << self.block_bits
-        for index in range(min(len(self.reftable), -(-n // per))):
-            start = index * per
-            end = min(n, start + per)
+        nblocks = -(-n // per)
+        raw = self.order >= 3
+        values = np.zeros(nblocks * per, dtype=np.dtype(f"u{1 << (self.order - 3)}") if raw else np.uint8)
+        view = memoryview(values.view(np.uint8))  # type: ignore[arg-type]
+        width = values.itemsize
+        bad: np.ndarray | None = None
+        cached: list[tuple[int, np.ndarray]] = []
+        pending: tuple[int, int, int] | None = None  # (first block, count, host offset)
+
+        def read(run: tuple[int, int, int] | None) -> None:
+            if run is not None:
+                first, count, host = run
+                self.file.preadinto(host, view[first * per * width:(first + count) * per * width])
+
+        for index in range(min(len(self.reftable), nblocks)):
+            offset = int(self.reftable[index]) & REFT_OFFSET_MASK
+            direct = (raw and index not in self._blocks and offset and not offset & (self.cluster_size - 1)
+                      and io_ok(offset, self.cluster_size))
+            if direct:
+                if pending is not None and pending[0] + pending[1] == index and \
+                        pending[2] + pending[1] * self.cluster_size == offset:
+                    pending = (pending[0], pending[1] + 1, pending[2])
+                else:
+                    read(pending)
+                    pending = (index, 1, offset)
+                continue
             blk = self._transient(index)
             if blk is BAD:
-                bad[start:end] = True
+                if bad is None:
+                    bad = np.zeros(nblocks * per, dtype=bool)
+                bad[index * per:(index + 1) * per] = True
             elif blk is not None:
-                values[start:end] = blk[:end - start]  # type: ignore[index]
-        return values, bad
+                cached.append((index, blk))  # type: ignore[arg-type]
+        read(pending)
+        if raw and width > 1 and sys.byteorder == "little":
+            values.byteswap(inplace=True)
+        for index, blk in cached:
+            values[index * per:(index + 1) * per] = blk
+        return values[:n], None if bad is None else bad[:n]
 
     def _transient(self, index: int) -> np.ndarray | str | None:
         """Like _peek() but a good block not yet cached is decoded without
@@ -242,7 +276,7 @@ class RefcountView:
             self._dense = self.range(max(n, self.dense_limit // 4))
         values, bad = self._dense
         idx = clusters.astype(np.int64)
-        hit = bad[idx]
+        hit = bad[idx] if bad is not None else np.zeros(len(idx), dtype=bool)
         if hit.any():
             # get_refcount reports an unusable block when it first meets it.
             self.block(int(idx[np.argmax(hit)]) >> self.block_bits)
@@ -295,13 +329,36 @@ class _Snapshot:
     l1_size: int
 
 
+class _Runs:
+    """References to runs of consecutive clusters: [starts[i], ends[i])."""
+
+    def __init__(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        self.starts = starts
+        self.ends = ends
+
+    def __len__(self) -> int:
+        return int((self.ends - self.starts).sum())
+
+    def max(self) -> int:
+        return int(self.ends.max()) - 1
+
+    def expand(self) -> np.ndarray:
+        """One cluster index per reference, in order."""
+        lengths = self.ends - self.starts
+        within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return np.repeat(self.starts, lengths) + within
+
+
 class _Pass:
     """One calculate_refcounts run: every reference in QEMU's order, with the
     messages it printed on the way keyed by (slot, phase, sequence)."""
 
     def __init__(self, file_len: int) -> None:
         self.file_len = file_len
-        self.refs: list[np.ndarray] = []
+        self.refs: list[np.ndarray | _Runs] = []
+        #: every data entry of the active L2 tables has OFLAG_COPIED set
+        #: (and all went through the fast path): see check_oflag_copied
+        self.active_copied = True
         #: arrays, or callables that build one (kept small until an overflow needs them)
         self.ref_slots: list[np.ndarray | Callable[[], np.ndarray]] = []
         self.msgs: list[tuple[int, int, int, str]] = []
@@ -347,6 +404,12 @@ class Qcow2Checker:
         self.snapshots: list[_Snapshot] = []
         self.snapshots_offset = h.snapshots_offset
         self.snapshots_size = 0
+        #: what the last calculate() found: the highest refcount, and
+        #: whether every active data entry carries OFLAG_COPIED
+        self.max_count = 0
+        self.active_copied = False
+        #: mismatches the last compare() met
+        self.mismatches = 0
 
     # ---- on-disk refcounts ---------------------------------------------------
     def _set_reftable(self, offset: int, clusters: int) -> None:
@@ -527,7 +590,8 @@ class Qcow2Checker:
                 vars(res).update(vars(pre))
                 highest, rebuild = self.compare(res, self.fix, counts, nb, rebuild)
         del counts  # not needed any more: free it before the L2 tables are read again
-        self.check_oflag_copied(res, self.fix)
+        if not self._oflag_copied_clean(res):
+            self.check_oflag_copied(res, self.fix)
         res.image_end_offset = (highest + 1) * self.cs
 
     # ---- snapshots -----------------------------------------------------------
@@ -576,6 +640,7 @@ class Qcow2Checker:
                 self.report(text)
             raise
         counts = self._count(p, res, nb)
+        self.active_copied = p.active_copied
         for _, _, _, text in sorted(p.msgs):
             self.report(text)
         return self._check_refblocks(res, fix, counts)
@@ -605,22 +670,39 @@ class Qcow2Checker:
         self._check_bitmaps(p, res)
 
     def _count(self, p: _Pass, res: CheckResult, nb: int) -> np.ndarray:
-        """np.bincount of the references, capped at the refcount width with
-        QEMU's overflow messages for the references beyond it."""
+        """The refcounts the references imply, capped at the refcount width
+        with QEMU's overflow messages for the references beyond it.
+
+        Runs of clusters are counted as +1 at their start and -1 past their
+        end, and one cumulative sum turns that into counts: a preallocated
+        image's millions of references cost a few hundred scatters.  Single
+        references are added after, by bincount or add.at, whichever touches
+        less memory."""
         top = max((int(r.max()) for r in p.refs if len(r)), default=-1)
         n = max(nb, top + 1)
-        # Counted piece by piece: one concatenation of millions of references
-        # would double the memory a big image's check needs.
-        total = np.zeros(n, dtype=np.int64)
+        # 32-bit counts halve the memory; no cluster can have more
+        # references than there are references
+        narrow = sum(len(r) for r in p.refs) < 1 << 31
+        counts = np.zeros(n + 1, dtype=np.int32 if narrow else np.int64)
+        runs = [r for r in p.refs if isinstance(r, _Runs)]
+        if runs:
+            np.add.at(counts, np.concatenate([r.starts for r in runs]), 1)
+            np.add.at(counts, np.concatenate([r.ends for r in runs]), -1)
+            np.cumsum(counts, out=counts)
+        counts = counts[:n]
         for r in p.refs:
+            if isinstance(r, _Runs) or not len(r):
+                continue
             if len(r) > n >> 6:
-                total += np.bincount(r, minlength=n)
-            elif len(r):
-                np.add.at(total, r.astype(np.int64), 1)
+                counts += np.bincount(r, minlength=n).astype(counts.dtype, copy=False)
+            else:
+                np.add.at(counts, r.astype(np.int64), 1)
         # counts are never negative: reinterpret in place rather than copy
-        counts = total.view(_U64)
-        if top >= 0 and int(counts.max()) > self.refcount_max:
-            refs = np.concatenate(p.refs).astype(np.int64)
+        counts = counts.view(np.uint32 if narrow else _U64)
+        self.max_count = int(counts.max()) if top >= 0 else 0
+        if self.max_count > self.refcount_max:
+            refs = np.concatenate([r.expand() if isinstance(r, _Runs) else r.astype(np.int64)
+                                   for r in p.refs])
             slots = np.concatenate([s() if callable(s) else s for s in p.ref_slots])
             order = np.lexsort((slots, refs))
             ranked = refs[order]
@@ -693,11 +775,26 @@ class Qcow2Checker:
             self._check_l2_batch(p, res, l1[idx], frag, fix, active)
 
     def _read_l2(self, offsets: np.ndarray) -> np.ndarray:
-        """The L2 tables at ``offsets`` as a (tables, cluster_size/8) array."""
-        buf = np.empty((len(offsets), self.cs), dtype=np.uint8)
-        for r, off in enumerate(offsets.tolist()):
-            buf[r] = np.frombuffer(self.file.pread(off, self.cs), dtype=np.uint8)
-        return buf.view(">u8").astype(_U64)
+        """The L2 tables at ``offsets`` as a (tables, cluster_size/8) array.
+
+        Tables that follow each other on the host are read with one
+        request, straight into the array, and byte-swapped in place: no
+        second copy of a batch is ever made."""
+        cs = self.cs
+        buf = np.empty(len(offsets) * cs, dtype=np.uint8)
+        view = memoryview(buf)  # type: ignore[arg-type]
+        offs = offsets.tolist()
+        i = 0
+        while i < len(offs):
+            j = i + 1
+            while j < len(offs) and offs[j] == offs[j - 1] + cs:
+                j += 1
+            self.file.preadinto(offs[i], view[i * cs:j * cs])
+            i = j
+        table = buf.view(_U64).reshape(len(offs), cs // 8)
+        if sys.byteorder == "little":
+            table.byteswap(inplace=True)
+        return table
 
     def _check_l2_batch(self, p: _Pass, res: CheckResult, l1e: np.ndarray, frag: bool, fix: int,
                         active: bool) -> None:
@@ -726,6 +823,8 @@ class Qcow2Checker:
 
         if self._plain_tables(p, res, entries, l2off, base, frag):
             return
+        if frag:
+            p.active_copied = False
         if not self.extl2:
             bitmaps = np.zeros_like(raw)
         e = entries
@@ -827,37 +926,63 @@ class Qcow2Checker:
                       frag: bool) -> bool:
         """The common case, fast: L2 tables with nothing to report (no
         compressed, reserved, unaligned or out-of-file entries, standard
-        entries, no data file).  False when the general path must run."""
+        entries, no data file).  False when the general path must run.
+
+        The data clusters are kept as runs of consecutive clusters (a
+        preallocated image has one per table), not one index per entry."""
         if self.extl2 or self.has_data_file:
             return False
         cs, n = self.cs, self.l2_entries
         suspicious = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF)
-        if ((e & _U64(suspicious)) != 0).any():
+        flat_e = e.ravel()
+        offs = flat_e & _U64(suspicious)
+        if offs.any():
             return False
-        offs = (e & _U64(L2E_OFFSET_MASK)).view(np.int64)
-        used = offs != 0
-        flat = np.flatnonzero(used)
-        data = offs.ravel()[flat]
-        if len(data) and int(data.max()) >= p.file_len:
+        np.bitwise_and(flat_e, _U64(L2E_OFFSET_MASK), out=offs)
+        used = int(np.count_nonzero(offs))
+        flat: np.ndarray | None = None
+        data = offs
+        if used < len(offs):
+            flat = np.flatnonzero(offs)
+            data = offs[flat]
+        top = int(data.max()) if used else 0
+        if top >= p.file_len:
             return False
         rows = len(l2off)
-        if frag:
-            res.allocated_clusters = (res.allocated_clusters or 0) + len(flat)
-            res.compressed_clusters = res.compressed_clusters or 0
-            row = flat // n
-            jumps = (row[1:] == row[:-1]) & (data[1:] != data[:-1] + cs)
-            res.fragmented_clusters = (res.fragmented_clusters or 0) + int(jumps.sum())
+        if frag and used and p.active_copied:
+            # check_oflag_copied's fast path needs every data entry of the
+            # active tables to carry OFLAG_COPIED
+            p.active_copied = int((flat_e if flat is None else flat_e[flat]).min()) >= OFLAG_COPIED
+        del flat_e
         table_slots = base + np.arange(rows, dtype=np.int64) * (n + 1)
         self._inc_many(p, res, table_slots, l2off, np.full(rows, cs, dtype=np.int64), np.ones(rows, dtype=bool))
-        clusters = data >> self.cluster_bits
-        if len(clusters) and int(clusters.max()) < 1 << 32:
+        clusters = np.right_shift(data, _U64(self.cluster_bits), out=data)
+        if top >> self.cluster_bits < 1 << 32:
             clusters = clusters.astype(np.uint32)  # half the memory; bincount takes it as is
-        p.refs.append(clusters)
+        del offs, data
+        breaks = np.flatnonzero((clusters[1:] - clusters[:-1]) != 1) if used > 1 else np.zeros(0, np.int64)
+        if frag:
+            res.allocated_clusters = (res.allocated_clusters or 0) + used
+            res.compressed_clusters = res.compressed_clusters or 0
+            # a jump to another host cluster within one table is a fragment
+            pos = breaks if flat is None else flat[breaks]
+            after = breaks + 1 if flat is None else flat[breaks + 1]
+            res.fragmented_clusters = (res.fragmented_clusters or 0) + int(np.count_nonzero(pos // n == after // n))
+        if used and len(breaks) * 4 < used:
+            first = np.concatenate([[0], breaks + 1])
+            last = np.concatenate([breaks, [used - 1]])
+            p.refs.append(_Runs(clusters[first].astype(np.int64), clusters[last].astype(np.int64) + 1))
+        else:
+            p.refs.append(clusters)
         # Slots matter only for overflow messages: keep the batch-local
         # indexes (small) and build the slots on demand.
-        local = flat.astype(np.int32) if rows * (n + 1) < 1 << 31 else flat
-        p.ref_slots.append(lambda base=base, local=local, n=n:
-                           base + local.astype(np.int64) + local // n + 1)
+        if flat is None:
+            p.ref_slots.append(lambda base=base, used=used, n=n:
+                               base + np.arange(used, dtype=np.int64) + np.arange(used, dtype=np.int64) // n + 1)
+        else:
+            local = flat.astype(np.int32) if rows * (n + 1) < 1 << 31 else flat
+            p.ref_slots.append(lambda base=base, local=local, n=n:
+                               base + local.astype(np.int64) + local // n + 1)
         return True
 
     def _fragmented(self, counted: np.ndarray, offs: np.ndarray) -> int:
@@ -1008,12 +1133,23 @@ class Qcow2Checker:
             # OFLAG_COPIED pass looks refcounts up there instead of decoding
             # and caching every refcount block once more.
             self.view._dense = (ondisk, bad)
-        used = np.flatnonzero(((ondisk > 0) | (counts > 0)) & ~bad)
-        highest = int(used[-1]) if len(used) else 0
+        used = ondisk > 0
+        used |= counts > 0
+        if bad is not None:
+            used &= ~bad
+        last = len(used) - 1 - int(np.argmax(used[::-1])) if len(used) else 0
+        highest = last if len(used) and used[last] else 0
+        del used
         raising: list[tuple[int, int]] = []
         lowering: list[tuple[int, int]] = []
-        for i in np.flatnonzero(bad | (ondisk != counts)).tolist():
-            if bad[i]:
+        differ = ondisk != counts
+        if bad is not None:
+            differ |= bad
+        mismatched = np.flatnonzero(differ)
+        del differ
+        self.mismatches = len(mismatched)
+        for i in mismatched.tolist():
+            if bad is not None and bad[i]:
                 self.view.block(i >> self.view.block_bits)  # reports the bad block once
                 self.report(f"Can't get refcount for cluster {i}: Input/output error")
                 res.check_errors += 1
@@ -1148,6 +1284,18 @@ class Qcow2Checker:
         return grown
 
     # ---- check_oflag_copied --------------------------------------------------
+    def _oflag_copied_clean(self, res: CheckResult) -> bool:
+        """Whether check_oflag_copied would find nothing, known without
+        reading the L2 tables again: the refcounts on disk are the computed
+        ones, none is above 1, so every active L2 table and data cluster
+        has refcount 1, and the first pass saw OFLAG_COPIED on all of them."""
+        if not self.active_copied or self.max_count > 1 or self.mismatches:
+            return False
+        if res.corruptions or res.leaks or res.check_errors or res.corruptions_fixed or res.leaks_fixed:
+            return False
+        tables = self.l1[(self.l1 & _U64(L1E_OFFSET_MASK)) != 0]
+        return bool((tables >= _U64(OFLAG_COPIED)).all())
+
     def check_oflag_copied(self, res: CheckResult, fix: int) -> None:
         if fix & FIX_ERRORS:
             repair = True
@@ -1261,6 +1409,9 @@ def check_image(driver: Any, repair: str | None = None,
     if unusable:
         raise QimgError("Check failed: No medium found", 1)
     sys.stdout.flush()
+    # the passes free and allocate batch buffers of megabytes: reuse them
+    # rather than fault fresh pages in for each
+    keep_freed_buffers()
     try:
         checker = Qcow2Checker(driver, fix, report or _stderr, error_report or _error_report)
     except _CheckFailed as e:
