@@ -144,6 +144,21 @@ class File:
                 n -= size
             offset += size
 
+    def copy_range_to(self, offset: int, dst: "File", dst_offset: int, length: int) -> None:
+        """Copy ``length`` bytes to ``dst`` inside the kernel (copy_file_range:
+        convert -C's offloading).  Past our end reads as zeroes, as pread
+        does.  OSError when the kernel cannot (EXDEV, EOPNOTSUPP, ...): the
+        caller then copies through a buffer."""
+        while length > 0:
+            n = os.copy_file_range(self.fd, dst.fd, length, offset, dst_offset)
+            if n == 0:
+                # our end of file: the rest reads as zeroes
+                dst.pwrite(dst_offset, bytes(length))
+                return
+            offset += n
+            dst_offset += n
+            length -= n
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Zero a range: punch a hole if the host allows, else write zeroes."""
         if length <= 0:
