@@ -137,24 +137,10 @@ class CopyJob:
     cluster_sectors: int = 0
     buf_sectors: int = BUF_SECTORS
     progress: Callable[[float], None] | None = None
-    #: -C: data goes from file to file in the kernel, without zero detection;
-    #: cleared (for the rest of the copy) at the first chunk that cannot
-    #: (qemu-img falls back to plain copying the same way)
-    copy_range: bool = False
-    #: --salvage: sectors that fail to read become zeroes, with a warning
-    salvage: bool = False
-    #: prints a warning line (None: -q, no warnings)
-    warn: Callable[[str], None] | None = None
-    #: -r: bytes per second read for data, 0 for no limit
-    rate_limit: int = 0
-    #: -m: requests in flight at most
-    coroutines: int = 8
     src_sectors: list[int] = field(default_factory=list)
     src_alignment: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        #: salvage warnings of the chunks read but not yet written, by sector
-        self.pending_warnings: dict[int, list[str]] = {}
         self.src_sectors = [-(-img.size // SECTOR) for img in self.sources]
         self.src_alignment = [max(1, (img.driver.cluster_size or 0) // SECTOR) for img in self.sources]
 
@@ -319,8 +305,6 @@ def run(job: CopyJob) -> None:
     direct = job.target.format == "raw" and compressor is None
     # compressed work goes COMPRESS_BATCH clusters per task: two per worker in flight
     ahead = 2 * WORKERS + 2 if compressor is not None else READ_AHEAD
-    # -m: never more requests in flight than qemu-img would have coroutines
-    ahead = max(1, min(ahead, job.coroutines))
     bufs = None if compressor is not None else _BufferPool(max(BATCH_BYTES, job.buf_sectors * SECTOR), ahead + 2)
     writer = None
     # Threads waiting for the GIL after their I/O returns (the writer
@@ -440,8 +424,7 @@ class _SerialWriter:
 def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahead: int,
                bufs: "_BufferPool | None", writer: "_SerialWriter | None", total_alloc: int) -> None:
     done = 0
-    limiter = _RateLimit(job.rate_limit) if job.rate_limit else None
-    with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, job.coroutines))) as pool:
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         try:
             pending: deque[tuple[list[Chunk], Future | None]] = deque()
             it = iter(chunks)
@@ -456,22 +439,16 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                         break
                     group = [chunk]
                     fut = None
-                    if chunk.status == BLK_DATA and limiter is not None:
-                        # one request at a time, each waiting for its turn
-                        limiter.wait(chunk.sectors * SECTOR)
-                        fut = pool.submit(_compress_group, job, group, locks, compressor) if compressor \
-                            else pool.submit(_produce, job, group, locks, direct, bufs, _offload(job, chunk))
-                    elif chunk.status == BLK_DATA:
+                    if chunk.status == BLK_DATA:
                         if compressor is not None:
                             # a few clusters per task: fewer hand-overs
                             carry, exhausted = _extend_group(group, it, COMPRESS_BATCH * chunk.sectors * SECTOR,
                                                              contiguous=False)
                             fut = pool.submit(_compress_group, job, group, locks, compressor)
                         else:
-                            offload = _offload(job, chunk)
-                            if chunk.host is not None and bufs is not None and not offload:
+                            if chunk.host is not None and bufs is not None:
                                 carry, exhausted = _extend_group(group, it, bufs.size)
-                            fut = pool.submit(_produce, job, group, locks, direct, bufs, offload)
+                            fut = pool.submit(_produce, job, group, locks, direct, bufs)
                     elif direct:
                         fut = pool.submit(_write_chunk, job, chunk, None, None)
                     pending.append((group, fut))
@@ -479,8 +456,6 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                     break
                 group, fut = pending.popleft()
                 result = fut.result() if fut is not None else None
-                if job.pending_warnings:
-                    _emit_warnings(job, group)
                 if direct or compressor is not None:
                     for chunk in group:
                         if job.progress is not None and _counts(job, chunk):
