@@ -134,6 +134,8 @@ def check_overlap(d: "Qcow2Driver", host: int, length: int) -> None:
     """Refuse a data write that would land on metadata (a damaged L2 entry
     pointing at it): mark the image corrupt and fail, as QEMU's
     qcow2_pre_write_overlap_check does."""
+    if d.data_file is not d.file:
+        return  # guest data lives in the external data file, away from metadata
     cb = d.cluster_bits
     first, last = host >> cb, (host + length - 1) >> cb
     m, h = d.map, d.header
