@@ -143,12 +143,13 @@ def _settle(d: "Qcow2Driver", o: dict[str, Any]) -> dict[str, Any]:
                 raise QimgError("Refcount width must be a power of two and may not exceed 64 bits")
             refcount_bits = value
         elif name == "data_file":
-            if value and not h.data_file:
+            if value and not h.incompatible_features & H.INCOMPAT_DATA_FILE:
                 raise QimgError("data-file can only be set for images that use an external data file")
         elif name == "data_file_raw":
             if value and not h.autoclear_features & H.AUTOCLEAR_DATA_FILE_RAW:
                 raise QimgError("data-file-raw cannot be set on existing images")
-    return {"version": new_version, "refcount_bits": refcount_bits, "lazy": lazy}
+    return {"version": new_version, "refcount_bits": refcount_bits, "lazy": lazy,
+            "data_file_raw": o.get("data_file_raw", bool(h.autoclear_features & H.AUTOCLEAR_DATA_FILE_RAW))}
 
 
 def amend(d: "Qcow2Driver", o: dict[str, Any], status: StatusFn | None = None, force: bool = False) -> None:
@@ -168,6 +169,14 @@ def amend(d: "Qcow2Driver", o: dict[str, Any], status: StatusFn | None = None, f
                             "(use compat=1.1 or greater)")
         helper.current = _Helper.CHANGING_REFCOUNT_ORDER
         change_refcount_order(d, refcount_bits.bit_length() - 1, helper)
+    if "data_file" in o:
+        # only the name changes (an empty one drops it): the data file
+        # itself stays open and untouched
+        h.data_file = o["data_file"] or None
+    if s["data_file_raw"]:
+        h.autoclear_features |= H.AUTOCLEAR_DATA_FILE_RAW
+    else:
+        h.autoclear_features &= ~H.AUTOCLEAR_DATA_FILE_RAW
     write_header(d)
     backing_file, backing_fmt = o.get("backing_file"), o.get("backing_fmt")
     if backing_file or backing_fmt:
