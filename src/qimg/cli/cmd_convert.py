@@ -19,30 +19,42 @@ LONG = [
 MAX_COROUTINES = 16
 
 
-def _snapshot_param(text: str) -> str:
-    """-l: ``snapshot.id=ID,snapshot.name=NAME`` or a bare id-or-name."""
-    if not text.startswith("snapshot."):
-        return text
-    from qimg.block.options import split_options
-
-    found: dict[str, str] = {}
-    for key, value in split_options(text):
-        if key not in ("snapshot.id", "snapshot.name") or value is None:
-            if key not in ("snapshot.id", "snapshot.name"):
-                raise QimgError(f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
-            raise QimgError(f"Failed in parsing snapshot param '{text}'")
-        found[key] = value
-    return found.get("snapshot.name") or found.get("snapshot.id", "")
+def _strtoul(text: str) -> int | None:
+    """C strtoul with base 0 over the whole text (qemu_strtoul): leading
+    blanks and a sign, 0x for hex, a leading 0 for octal; None if invalid.
+    A negative number wraps around, as unsigned long does."""
+    body = text.lstrip(" \t\n\r\f\v")
+    sign = 1
+    if body[:1] in "+-" and body:
+        sign = -1 if body[0] == "-" else 1
+        body = body[1:]
+    base = 10
+    if body[:2].lower() == "0x" and len(body) > 2:
+        base, body = 16, body[2:]
+    elif body[:1] == "0" and len(body) > 1:
+        base, body = 8, body[1:]
+    if not body or not all(c in "0123456789abcdefABCDEF"[:base if base <= 10 else 22] for c in body):
+        return None
+    value = int(body, base)
+    if value >= 1 << 64:
+        return None
+    return value if sign > 0 else (-value) % (1 << 64)
 
 
 def _coroutines(text: str) -> int:
-    try:
-        n = int(text, 0)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= MAX_COROUTINES:
+    n = _strtoul(text)
+    if n is None or not 1 <= n <= MAX_COROUTINES:
         raise QimgError(f"Invalid number of coroutines. Allowed number of coroutines is between 1 and {MAX_COROUTINES}")
     return n
+
+
+def _warner(prog: str):
+    def warn(line: str) -> None:
+        sys.stdout.flush()
+        sys.stderr.write(f"{prog}: warning: {line}\n")
+        sys.stderr.flush()
+
+    return warn
 
 
 def run(prog: str, argv: list[str]) -> int:
@@ -56,6 +68,7 @@ def run(prog: str, argv: list[str]) -> int:
     tgt_image_opts = target_is_zero = bitmaps = skip_broken = salvage = False
     sparse_size = 4096
     explicit_sparse = False
+    coroutines, rate_limit = 8, 0
     for opt, val in opts:
         if common.apply_common(opt, val, shared):
             continue
@@ -74,7 +87,8 @@ def run(prog: str, argv: list[str]) -> int:
                 raise QimgError(f"Invalid option list: {val}")
             options = val if options is None else f"{options},{val}"
         elif opt == "-l":
-            snapshot = _snapshot_param(val)
+            sn = common.parse_snapshot_param(prog, val)
+            snapshot = (sn.snapshot_id, sn.name, sn.exact)
         elif opt == "-S":
             sparse_size = cvtnum("buffer size for sparse output", val)
             from qimg.ops.convert import check_sparse_size
@@ -90,11 +104,13 @@ def run(prog: str, argv: list[str]) -> int:
         elif opt == "-n":
             skip_create = True
         elif opt == "-m":
-            _coroutines(val)
+            coroutines = _coroutines(val)
         elif opt == "-W":
-            pass  # out-of-order writes: ours are always in order
+            # out-of-order writes allowed: our writes go in guest order all
+            # the same (a raw target's workers write as they finish)
+            pass
         elif opt == "-r":
-            cvtnum("rate limit", val)
+            rate_limit = cvtnum("rate limit", val)
         elif opt == "--salvage":
             salvage = True
         elif opt == "--target-image-opts":
@@ -153,7 +169,8 @@ def run(prog: str, argv: list[str]) -> int:
             compressed=compressed, sparse_size=sparse_size, backing_file=backing, backing_format=backing_fmt,
             skip_create=skip_create, progress=meter.update if progress else None, snapshot=snapshot,
             target_is_zero=target_is_zero, bitmaps=bitmaps, skip_broken_bitmaps=skip_broken,
-            force_share=force_share,
+            force_share=force_share, copy_range=copy_range, salvage=salvage, rate_limit=rate_limit,
+            coroutines=coroutines, warn=None if quiet else _warner(prog),
             opener=open_source, target_opener=open_target,
         )
         meter.update(100)

@@ -9,7 +9,7 @@ import sys
 
 from qimg.block.image import Image
 from qimg.cli import args
-from qimg.cli.common import CommonOptions, apply_common, open_image
+from qimg.cli.common import CommonOptions, SnapshotParam, apply_common, open_image, parse_snapshot_param
 from qimg.errors import QimgError
 from qimg.ops import measure as ops_measure
 from qimg.units import cvtnum
@@ -47,7 +47,7 @@ def run(prog: str, argv: list[str]) -> int:
     common = CommonOptions()
     out_fmt = "raw"
     options: str | None = None
-    snapshot: str | None = None
+    snapshot: SnapshotParam | None = None
     size: int | None = None
     output = "human"
     for opt, val in opts:
@@ -59,7 +59,7 @@ def run(prog: str, argv: list[str]) -> int:
             # repeated -o options accumulate, as accumulate_options does
             options = val if options is None else f"{options},{val}"
         elif opt == "-l":
-            snapshot = val
+            snapshot = parse_snapshot_param(prog, val)
         elif opt == "--size":
             size = cvtnum("image size", val)
         elif opt == "--output":
@@ -94,29 +94,11 @@ def run(prog: str, argv: list[str]) -> int:
     return 0
 
 
-def _load_snapshot(prog: str, img: Image, param: str) -> None:
+def _load_snapshot(prog: str, img: Image, param: SnapshotParam) -> None:
     """``-l``: read the internal snapshot instead of the active image
-    (bdrv_snapshot_load_tmp; a bare word is an ID, else a name)."""
-    from qimg.block.options import split_options
-
-    sn_id: str | None = param
-    sn_name: str | None = None
-    exact = False
-    if param.startswith("snapshot."):
-        sn_id, exact = None, True
-        for key, value in split_options(param):
-            if key not in ("snapshot.id", "snapshot.name"):
-                raise QimgError(f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{param}'")
-            if value is None:
-                sys.stderr.write(f"{prog}: warning: short-form boolean option '{key}' deprecated\n"
-                                 f"Please use {key}=on instead\n")
-                value = "on"
-            if key == "snapshot.id":
-                sn_id = value
-            else:
-                sn_name = value
+    (bdrv_snapshot_load_tmp)."""
     loader = getattr(img.driver, "load_snapshot_tmp", None)
     if loader is None:
         raise QimgError(f"Failed to load snapshot: Block format '{img.format}' used by device '' "
                         "does not support temporarily loading internal snapshots")
-    loader(sn_id, sn_name, exact=exact)
+    loader(param.snapshot_id, param.name, exact=param.exact)

@@ -69,7 +69,9 @@ def _create_values(out_format: str, options: str | dict[str, Any] | None, size: 
     return drv, values
 
 
-def _load_snapshot(sources: list[Image], snapshot: str | None) -> None:
+def _load_snapshot(sources: list[Image], snapshot: "str | tuple[str | None, str | None, bool] | None") -> None:
+    """``snapshot``: an ID or a name, or (id, name, exact) as the command
+    line's ``snapshot.id=``/``snapshot.name=`` give them."""
     if snapshot is None:
         return
     if len(sources) > 1:
@@ -83,7 +85,10 @@ def _load_snapshot(sources: list[Image], snapshot: str | None) -> None:
         )
     loader = getattr(img.driver, "load_snapshot_tmp", None)
     if loader is not None:
-        loader(snapshot)
+        if isinstance(snapshot, tuple):
+            loader(snapshot[0], snapshot[1], exact=snapshot[2])
+        else:
+            loader(snapshot)
         return
     header = getattr(img.driver, "header", None)
     if getattr(header, "nb_snapshots", 0):
@@ -113,11 +118,16 @@ def convert(
     backing_format: str | None = None,
     skip_create: bool = False,
     progress: Callable[[float], None] | None = None,
-    snapshot: str | None = None,
+    snapshot: "str | tuple[str | None, str | None, bool] | None" = None,
     target_is_zero: bool = False,
     bitmaps: bool = False,
     skip_broken_bitmaps: bool = False,
     force_share: bool = False,
+    copy_range: bool = False,
+    salvage: bool = False,
+    rate_limit: int = 0,
+    coroutines: int = 8,
+    warn: Callable[[str], None] | None = None,
     opener: Opener | None = None,
     target_opener: Opener | None = None,
 ) -> None:
@@ -127,7 +137,11 @@ def convert(
     ``sparse_size`` is ``-S`` in bytes (0: write every byte), ``backing_file``
     makes the target an overlay that receives only the sources' top layer,
     ``skip_create`` (``-n``) writes into an existing target.  ``progress`` is
-    called with the percentage done.  ``opener``/``target_opener`` open the
+    called with the percentage done.  ``copy_range`` (``-C``) lets the
+    kernel copy data file to file, ``salvage`` turns read errors into zeroes
+    (each reported through ``warn``), ``rate_limit`` (``-r``) is in bytes
+    per second, ``coroutines`` (``-m``) bounds the requests in flight.
+    ``opener``/``target_opener`` open the
     sources/target (the command line passes its own for qemu-img's
     messages and --image-opts).  Raises QimgError with qemu-img's message.
     """
@@ -136,6 +150,12 @@ def convert(
     min_sparse = check_sparse_size(sparse_size)
     if target_is_zero and not skip_create:
         raise QimgError("--target-is-zero requires use of -n flag")
+    if copy_range and compressed:
+        raise QimgError("Cannot enable copy offloading when -c is used")
+    if copy_range and salvage:
+        raise QimgError("Cannot use copy offloading in salvaging mode")
+    if not 1 <= coroutines <= 16:
+        raise QimgError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
     opener = opener or _default_open
     target_opener = target_opener or opener
     srcs: list[Image] = []
@@ -193,7 +213,9 @@ def convert(
         if skip_create and tgt.size < total_sectors * SECTOR:
             raise QimgError("output file is smaller than input file")
 
-        job = CopyJob(srcs, tgt, min_sparse=min_sparse, compressed=compressed, progress=progress)
+        job = CopyJob(srcs, tgt, min_sparse=min_sparse, compressed=compressed, progress=progress,
+                      copy_range=copy_range, salvage=salvage, warn=warn, rate_limit=rate_limit,
+                      coroutines=coroutines)
         job.target_has_backing = target_has_backing
         if target_has_backing and not skip_create and tgt.backing is not None:
             job.target_backing_sectors = -(-tgt.backing.size // SECTOR)

@@ -137,10 +137,24 @@ class CopyJob:
     cluster_sectors: int = 0
     buf_sectors: int = BUF_SECTORS
     progress: Callable[[float], None] | None = None
+    #: -C: data goes from file to file in the kernel, without zero detection;
+    #: cleared (for the rest of the copy) at the first chunk that cannot
+    #: (qemu-img falls back to plain copying the same way)
+    copy_range: bool = False
+    #: --salvage: sectors that fail to read become zeroes, with a warning
+    salvage: bool = False
+    #: prints a warning line (None: -q, no warnings)
+    warn: Callable[[str], None] | None = None
+    #: -r: bytes per second read for data, 0 for no limit
+    rate_limit: int = 0
+    #: -m: requests in flight at most
+    coroutines: int = 8
     src_sectors: list[int] = field(default_factory=list)
     src_alignment: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        #: salvage warnings of the chunks read but not yet written, by sector
+        self.pending_warnings: dict[int, list[str]] = {}
         self.src_sectors = [-(-img.size // SECTOR) for img in self.sources]
         self.src_alignment = [max(1, (img.driver.cluster_size or 0) // SECTOR) for img in self.sources]
 
@@ -208,6 +222,12 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
                 status = BLK_BACKING_FILE if job.target_has_backing else BLK_DATA
             next_status = sector + n
         n = min(n, next_status - sector)
+        if status_z:
+            # qemu's block status gives compressed clusters one at a time:
+            # each is a request of its own (what allocating targets lay out
+            # and zero detection sees depends on it)
+            align = job.src_alignment[src]
+            n = min(n, src_start + ((sector - src_start) // align + 1) * align - sector)
         if status == BLK_DATA or (status == BLK_ZERO and not job.min_sparse):
             n = min(n, job.buf_sectors)
         chunk_status = status
@@ -305,6 +325,8 @@ def run(job: CopyJob) -> None:
     direct = job.target.format == "raw" and compressor is None
     # compressed work goes COMPRESS_BATCH clusters per task: two per worker in flight
     ahead = 2 * WORKERS + 2 if compressor is not None else READ_AHEAD
+    # -m: never more requests in flight than qemu-img would have coroutines
+    ahead = max(1, min(ahead, job.coroutines))
     bufs = None if compressor is not None else _BufferPool(max(BATCH_BYTES, job.buf_sectors * SECTOR), ahead + 2)
     writer = None
     # Threads waiting for the GIL after their I/O returns (the writer
@@ -424,7 +446,8 @@ class _SerialWriter:
 def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahead: int,
                bufs: "_BufferPool | None", writer: "_SerialWriter | None", total_alloc: int) -> None:
     done = 0
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+    limiter = _RateLimit(job.rate_limit) if job.rate_limit else None
+    with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, job.coroutines))) as pool:
         try:
             pending: deque[tuple[list[Chunk], Future | None]] = deque()
             it = iter(chunks)
@@ -439,16 +462,26 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                         break
                     group = [chunk]
                     fut = None
-                    if chunk.status == BLK_DATA:
+                    if chunk.status == BLK_DATA and limiter is not None:
+                        # one request at a time, each waiting for its turn
+                        limiter.wait(chunk.sectors * SECTOR)
+                        if compressor is not None:
+                            fut = pool.submit(_compress_group, job, group, locks, compressor)
+                        else:
+                            fut = pool.submit(_produce, job, group, locks, direct, bufs, _offload(job, chunk))
+                    elif chunk.status == BLK_DATA:
                         if compressor is not None:
                             # a few clusters per task: fewer hand-overs
                             carry, exhausted = _extend_group(group, it, COMPRESS_BATCH * chunk.sectors * SECTOR,
                                                              contiguous=False)
                             fut = pool.submit(_compress_group, job, group, locks, compressor)
                         else:
-                            if chunk.host is not None and bufs is not None:
+                            offload = _offload(job, chunk)
+                            if chunk.host is not None and bufs is not None and not offload:
                                 carry, exhausted = _extend_group(group, it, bufs.size)
-                            fut = pool.submit(_produce, job, group, locks, direct, bufs)
+                            elif chunk.zsrc and bufs is not None:
+                                carry, exhausted = _extend_group(group, it, bufs.size, False, True)
+                            fut = pool.submit(_produce, job, group, locks, direct, bufs, offload)
                     elif direct:
                         fut = pool.submit(_write_chunk, job, chunk, None, None)
                     pending.append((group, fut))
@@ -456,6 +489,8 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                     break
                 group, fut = pending.popleft()
                 result = fut.result() if fut is not None else None
+                if job.pending_warnings:
+                    _emit_warnings(job, group)
                 if direct or compressor is not None:
                     for chunk in group:
                         if job.progress is not None and _counts(job, chunk):
@@ -493,12 +528,14 @@ def _compress_group(job: CopyJob, group: list[Chunk], locks: list, compressor: "
 
 
 def _extend_group(group: list[Chunk], it: Iterator[Chunk], limit: int,
-                  contiguous: bool = True) -> tuple["Chunk | None", bool]:
+                  contiguous: bool = True, compressed: bool = False) -> tuple["Chunk | None", bool]:
     """Append to ``group`` the chunks that follow it in the source file, up
     to ``limit`` bytes in all, so one worker reads them in one go (fewer
     hand-overs between threads; each chunk is still classified and written
     on its own, exactly as qemu-img's requests).  Returns the chunk that
-    did not fit (None at the end of the plan) and whether the plan ended."""
+    did not fit (None at the end of the plan) and whether the plan ended.
+    ``compressed``: chunks of compressed clusters that follow each other in
+    the guest, inflated in one go."""
     size = group[0].sectors * SECTOR
     while True:
         nxt = next(it, None)
@@ -509,34 +546,83 @@ def _extend_group(group: list[Chunk], it: Iterator[Chunk], limit: int,
         if nxt.status != BLK_DATA or size + nbytes > limit or (contiguous and (
                 nxt.host is None or nxt.src != last.src or nxt.host != last.host + last.sectors * SECTOR)):
             return nxt, False
+        if compressed and (not nxt.zsrc or nxt.src != last.src or nxt.sector != last.sector + last.sectors):
+            return nxt, False
         group.append(nxt)
         size += nbytes
 
 
+def _offload(job: CopyJob, chunk: Chunk) -> bool:
+    """-C for this data chunk?  Only where qemu-img's copy_range succeeds:
+    plain data of a raw or qcow2 source's top layer (a compressed, backing
+    or other format's chunk makes qemu-img give up offloading for the rest
+    of the copy, and so do we), into a raw or qcow2 target."""
+    if job.copy_range and (chunk.host is None or job.target.format not in _DIRECT_FORMATS):
+        job.copy_range = False
+    return job.copy_range
+
+
+def _copy_range(job: CopyJob, chunk: Chunk) -> bool:
+    """Copy a chunk in the kernel into a raw target; False if the kernel
+    cannot (then the chunk goes through a buffer, and so does the rest)."""
+    src = job.sources[chunk.src].driver.data_node
+    dst = getattr(job.target.driver, "file", None)
+    if not hasattr(src, "copy_range_to") or not hasattr(dst, "fd"):
+        job.copy_range = False
+        return False
+    try:
+        src.copy_range_to(chunk.host, dst, chunk.sector * SECTOR, chunk.sectors * SECTOR)
+    except OSError:
+        job.copy_range = False
+        return False
+    return True
+
+
 def _produce(job: CopyJob, group: list[Chunk], locks: list, direct: bool,
-             bufs: "_BufferPool | None" = None):
+             bufs: "_BufferPool | None" = None, offload: bool = False):
     """Worker: read a group of data chunks (one read when they lie in a row
     in the source file) and find each one's zero runs while the buffer is
     still in the CPU cache; with ``direct`` also write them out.  Returns
-    (buffer to give back to the pool or None, [(data, runs) per chunk])."""
+    (buffer to give back to the pool or None, [(data, runs) per chunk]).
+    ``offload`` (-C, one chunk): no zero detection, and into a raw target
+    the kernel copies file to file."""
+    if offload and direct and len(group) == 1 and _copy_range(job, group[0]):
+        return None
     if len(group) == 1:
         data = _read_chunk(job, group[0], locks, bufs)
         buf, views = data, [data]
+    elif group[0].zsrc:
+        first = group[0]
+        whole = Chunk(first.sector, sum(c.sectors for c in group), first.status, first.src, None, True)
+        buf = None
+        mv = memoryview(_read_chunk(job, whole, locks))
+        views, pos = [], 0
+        for c in group:
+            views.append(mv[pos:pos + c.sectors * SECTOR])
+            pos += c.sectors * SECTOR
     else:
         total = sum(c.sectors for c in group) * SECTOR
         buf = bufs.get(total) if bufs is not None else bytearray(total)
         try:
             job.sources[group[0].src].driver.data_node.preadinto(group[0].host, memoryview(buf))
+            mv = memoryview(buf)
+            views, pos = [], 0
+            for c in group:
+                views.append(mv[pos:pos + c.sectors * SECTOR])
+                pos += c.sectors * SECTOR
         except OSError as e:
-            raise QimgError(f"error while reading at byte {group[0].sector * SECTOR}: {e.strerror}") from None
-        mv = memoryview(buf)
-        views, pos = [], 0
-        for c in group:
-            views.append(mv[pos:pos + c.sectors * SECTOR])
-            pos += c.sectors * SECTOR
+            if bufs is not None:
+                bufs.put(buf)
+            if not job.salvage:
+                raise QimgError(f"error while reading at byte {group[0].sector * SECTOR}: {e.strerror}") from None
+            # read again chunk by chunk, sector by sector where it fails
+            buf = None
+            views = [_read_chunk(job, c, locks) for c in group]
     parts = []
     for chunk, data in zip(group, views):
-        if job.min_sparse:
+        if offload:
+            runs = [(0, chunk.sectors, True)]
+        elif job.min_sparse:
             runs = classify(data, chunk.sector, job.min_sparse, job.alignment)
         else:
             runs = [(0, chunk.sectors, True)]
@@ -568,8 +654,107 @@ def _align_file_end(target: Image) -> None:
 def _read_chunk(job: CopyJob, chunk: Chunk, locks: list, bufs: "_BufferPool | None" = None) -> bytes | bytearray:
     try:
         return _read_chunk_raw(job, chunk, locks, bufs)
-    except OSError as e:
-        raise QimgError(f"error while reading at byte {chunk.sector * SECTOR}: {e.strerror}") from None
+    except (OSError, QimgError) as e:
+        reason = _read_error(e)
+        if reason is None:
+            raise
+        if job.salvage:
+            return _salvage(job, chunk, locks)
+        raise QimgError(f"error while reading at byte {_failing_sector(job, chunk, locks) * SECTOR}: "
+                        f"{reason}") from None
+
+
+def _failing_sector(job: CopyJob, chunk: Chunk, locks: list) -> int:
+    """Where qemu-img's request failed: compressed clusters are requests of
+    their own there (one cluster per block status), so a chunk of several
+    reports its first cluster that fails to read."""
+    if not chunk.zsrc:
+        return chunk.sector
+    step = job.src_alignment[chunk.src]
+    base = sum(job.src_sectors[:chunk.src])
+    first = chunk.sector
+    end = chunk.sector + chunk.sectors
+    while first < end:
+        n = min(end, base + ((first - base) // step + 1) * step) - first
+        try:
+            _read_chunk_raw(job, Chunk(first, n, chunk.status, chunk.src, None, True), locks)
+        except (OSError, QimgError):
+            return first
+        first += n
+    return chunk.sector
+
+
+def _read_error(e: BaseException) -> str | None:
+    """strerror of a failed read, None for an error that is no read error
+    (a driver reports corrupt data it cannot decode as EIO, as QEMU's do)."""
+    if isinstance(e, OSError):
+        return e.strerror or os.strerror(e.errno or 5)
+    if isinstance(e, QimgError) and e.message == os.strerror(5):
+        return e.message
+    return None
+
+
+def _salvage(job: CopyJob, chunk: Chunk, locks: list) -> bytearray:
+    """--salvage: read a chunk that failed again sector by sector; a sector
+    that fails reads as zeroes, with qemu-img's warning naming its offset in
+    its source (emitted in order by the copy loop)."""
+    out = bytearray(chunk.sectors * SECTOR)
+    warnings: list[str] = []
+    src = chunk.src
+    src_start = sum(job.src_sectors[:src])
+    for i in range(chunk.sectors):
+        sector = chunk.sector + i
+        while sector - src_start >= job.src_sectors[src]:
+            src_start += job.src_sectors[src]
+            src += 1
+        img = job.sources[src]
+        offset = (sector - src_start) * SECTOR
+        length = min(SECTOR, img.size - offset)
+        try:
+            data = _locked_read(img, locks[src], offset, length)
+        except (OSError, QimgError) as e:
+            reason = _read_error(e)
+            if reason is None:
+                raise
+            warnings.append(f"error while reading offset {offset}: {reason}")
+            continue
+        out[i * SECTOR:i * SECTOR + len(data)] = data
+    if warnings and job.warn is not None:
+        with _warn_lock:
+            job.pending_warnings[chunk.sector] = warnings
+    return out
+
+
+_warn_lock = threading.Lock()
+
+
+def _emit_warnings(job: CopyJob, group: list[Chunk]) -> None:
+    with _warn_lock:
+        found = [job.pending_warnings.pop(c.sector, None) for c in group]
+    for lines in found:
+        for line in lines or ():
+            job.warn(line)  # type: ignore[misc]
+
+
+class _RateLimit:
+    """-r: a request waits until the ones before it would have taken
+    their share of time at ``rate`` bytes per second (the first one goes at
+    once, so a copy takes (data - last request) / rate, as qemu-img's)."""
+
+    def __init__(self, rate: int) -> None:
+        import time
+
+        self.rate = rate
+        self._clock = time.monotonic
+        self._sleep = time.sleep
+        self.next_time = self._clock()
+
+    def wait(self, nbytes: int) -> None:
+        now = self._clock()
+        if self.next_time > now:
+            self._sleep(self.next_time - now)
+            now = self.next_time
+        self.next_time = now + nbytes / self.rate
 
 
 def _read_chunk_raw(job: CopyJob, chunk: Chunk, locks: list,
@@ -580,7 +765,12 @@ def _read_chunk_raw(job: CopyJob, chunk: Chunk, locks: list,
     sector, left = chunk.sector, chunk.sectors
     if chunk.host is not None:
         buf = bufs.get(left * SECTOR) if bufs is not None else bytearray(left * SECTOR)
-        job.sources[chunk.src].driver.data_node.preadinto(chunk.host, memoryview(buf))
+        try:
+            job.sources[chunk.src].driver.data_node.preadinto(chunk.host, memoryview(buf))
+        except OSError:
+            if bufs is not None:
+                bufs.put(buf)
+            raise
         return buf
     src_start = sum(job.src_sectors[: chunk.src])
     src = chunk.src
