@@ -56,7 +56,7 @@ def open_data_file(d: "Qcow2Driver", options: dict[str, Any]) -> None:
     given = next((options[k] for k in _OPT_FILENAME if options.get(k)), None)
     if has_data_file(h):
         name = given or h.data_file
-        if not name:
+        if name is None:  # (an empty name is a name, refused by the file protocol)
             raise QimgError("'data-file' is required for this image")
         from qimg.protocols.file import File
 

@@ -185,7 +185,8 @@ class QCowHeader:
             elif etype == EXT_BITMAPS:
                 self.bitmaps_ext = data
             elif etype == EXT_DATA_FILE:
-                self.data_file = data.decode("utf-8", "replace")
+                # QEMU keeps the name as a C string: it ends at the first NUL
+                self.data_file = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             else:
                 self.unknown_extensions.append(Extension(etype, data))
             offset += (elen + 7) & ~7
