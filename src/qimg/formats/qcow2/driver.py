@@ -266,6 +266,17 @@ class Qcow2Driver(Driver):
 
         return check_image(self, repair)
 
+    def block_status_bulk(self, offset: int, length: int) -> Any:
+        """Many block_status answers at once (formats/qcow2/scan.py): an
+        iterator of Extents, and an int (the guest offset up to which to
+        use block_status instead) where the scan stops early; None for
+        images only block_status handles."""
+        from qimg.formats.qcow2 import scan
+
+        if not scan.scannable(self):
+            return None
+        return scan.block_status_runs(self, offset, length)
+
     def persistent_bitmaps_size(self, cluster_size: int) -> int | None:
         from qimg.formats.qcow2.measure import persistent_bitmaps_size
 
