@@ -107,6 +107,50 @@ class Image:
             img = below
             depth += 1
 
+    def layer_status(self, offset: int, length: int) -> Iterator[Extent]:
+        """This layer's extents over [offset, offset+length), as successive
+        block_status calls give them (up to where equal neighbours are
+        split), asked of the driver in bulk where it offers
+        ``block_status_bulk`` (an iterator of Extents, or of an int: the
+        offset up to which block_status must answer instead).  An extent of
+        length 0 ends the walk (the caller reports it)."""
+        end = min(self.size, offset + length)
+        bulk = getattr(self.driver, "block_status_bulk", None)
+        generic_until = offset if bulk is not None else end
+        while offset < end:
+            if offset >= generic_until:
+                items = bulk(offset, end - offset)  # type: ignore[misc]
+                generic_until = end
+                for item in items if items is not None else ():
+                    if isinstance(item, int):
+                        generic_until = item
+                        break
+                    yield from self._finish(item)
+                    offset = item.end
+                continue
+            ext = self.block_status(offset, end - offset)
+            yield ext
+            if ext.length <= 0:
+                return
+            offset += ext.length
+
+    def _finish(self, ext: Extent) -> Iterator[Extent]:
+        """What block_status adds to the driver's answer, for all of it."""
+        if ext.flags & RECURSE and ext.flags & (DATA | OFFSET_VALID | ZERO) == DATA | OFFSET_VALID:
+            while ext.length > 0:
+                piece = self._refine_from_file(ext)
+                if piece.length <= 0:  # the file gave no answer: keep it all as data
+                    yield Extent(ext.offset, ext.length, ext.flags & ~RECURSE, ext.host_offset, ext.file)
+                    return
+                yield piece
+                assert ext.host_offset is not None
+                ext = Extent(piece.end, ext.length - piece.length, ext.flags, ext.host_offset + piece.length,
+                             ext.file)
+        elif not ext.allocated and self.backing is None:
+            yield Extent(ext.offset, ext.length, ext.flags | ZERO, ext.host_offset, ext.file)
+        else:
+            yield ext
+
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """This layer's extents covering [offset, offset+length)."""
         end = self.size if length is None else min(self.size, offset + length)
