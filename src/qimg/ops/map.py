@@ -65,28 +65,60 @@ def mergeable(curr: MapEntry, nxt: MapEntry) -> bool:
     return True
 
 
-def _status_entries(img: Any, start: int, end: int) -> Iterator[MapEntry]:
-    """One unmerged entry per block-status request, as get_block_status."""
+def _status_entries(img: Any, start: int, end: int, depth: int = 0) -> Iterator[MapEntry]:
+    """One unmerged entry per extent, as get_block_status finds them down
+    the chain: each layer is asked for all of a range at once (in bulk
+    where its driver can), and only what it leaves unallocated is asked of
+    the layer below."""
+    try:
+        for ext in _layer(img, start, end):
+            if ext.length <= 0:
+                raise QimgError("Could not read file metadata: Invalid argument")
+            below = img.backing
+            if ext.allocated or below is None:
+                yield _entry(ext, depth)
+                continue
+            if ext.offset >= below.size:
+                # past the end of a shorter backing file: zeroes, owned by none
+                yield MapEntry(start=ext.offset, length=ext.length, depth=depth, zero=True)
+                continue
+            mid = min(ext.end, below.size)
+            yield from _status_entries(below, ext.offset, mid, depth + 1)
+            if mid < ext.end:
+                yield MapEntry(start=mid, length=ext.end - mid, depth=depth, zero=True)
+    except OSError as e:
+        raise QimgError(f"Could not read file metadata: {e.strerror}") from None
+
+
+def _layer(img: Any, start: int, end: int) -> Iterator[Any]:
+    """img's own extents over [start, end), in requests of at most
+    REQUEST_LIMIT bytes."""
+    layer_status = getattr(img, "layer_status", None)
     offset = start
     while offset < end:
-        try:
-            ext, depth = img.chain_status(offset, min(REQUEST_LIMIT, end - offset))
-        except OSError as e:
-            raise QimgError(f"Could not read file metadata: {e.strerror}") from None
-        if ext.length <= 0:
-            raise QimgError("Could not read file metadata: Invalid argument")
-        has_offset = bool(ext.flags & OFFSET_VALID)
-        yield MapEntry(
-            start=offset,
-            length=ext.length,
-            depth=depth,
-            present=ext.allocated,
-            zero=bool(ext.flags & ZERO),
-            data=bool(ext.flags & DATA),
-            offset=ext.host_offset if has_offset else None,
-            filename=ext.file if has_offset else None,
-        )
-        offset += ext.length
+        n = min(REQUEST_LIMIT, end - offset)
+        if layer_status is not None:
+            yield from layer_status(offset, n)
+        else:
+            ext = img.block_status(offset, n)
+            yield ext
+            if ext.length <= 0:
+                return
+        offset += n
+
+
+def _entry(ext: Any, depth: int) -> MapEntry:
+    has_offset = bool(ext.flags & OFFSET_VALID)
+    return MapEntry(
+        start=ext.offset,
+        length=ext.length,
+        depth=depth,
+        present=ext.allocated,
+        zero=bool(ext.flags & ZERO),
+        data=bool(ext.flags & DATA),
+        offset=ext.host_offset if has_offset else None,
+        filename=ext.file if has_offset else None,
+    )
 
 
 def walk(img: Any, start: int = 0, length: int | None = None, human: bool = False) -> Iterator[MapEntry]:
