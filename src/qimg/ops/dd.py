@@ -41,6 +41,13 @@ _PROTOCOLS = (
     "gluster", "iscsi", "iser", "nfs", "rbd", "null-co", "null-aio", "nvme", "vvfat",
 )
 
+#: formats qemu 7.2 has but cannot create (qimg reads few of them)
+_NO_CREATE = frozenset((
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "ftp", "ftps", "http", "https", "null-aio", "null-co", "preallocate",
+    "quorum", "replication", "snapshot-access", "throttle", "vvfat",
+))
+
 #: opens an image for the command: (name, fmt, read_only=..., ...) -> Image
 Opener = Callable[..., Image]
 
@@ -77,6 +84,8 @@ def _output_target(out_format: str, filename: str) -> tuple[str, str]:
 
     # the file protocol used as a format writes the bytes as they are: raw
     fmt = "raw" if out_format == "file" else out_format
+    if fmt in _NO_CREATE:
+        raise QimgError(f"Format driver '{out_format}' does not support image creation")
     try:
         drv = get_driver(fmt)
     except QimgError:
