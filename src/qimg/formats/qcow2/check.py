@@ -32,13 +32,14 @@ import numpy as np
 
 from qimg.block.check import CheckResult
 from qimg.errors import QimgError
-from qimg.protocols.file import keep_freed_buffers
 from qimg.formats.qcow2.header import (
     AUTOCLEAR_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
 )
+from qimg.formats.qcow2.scan import read_tables
+from qimg.protocols.file import keep_freed_buffers
 
 if TYPE_CHECKING:
     from qimg.protocols.file import File
@@ -775,26 +776,8 @@ class Qcow2Checker:
             self._check_l2_batch(p, res, l1[idx], frag, fix, active)
 
     def _read_l2(self, offsets: np.ndarray) -> np.ndarray:
-        """The L2 tables at ``offsets`` as a (tables, cluster_size/8) array.
-
-        Tables that follow each other on the host are read with one
-        request, straight into the array, and byte-swapped in place: no
-        second copy of a batch is ever made."""
-        cs = self.cs
-        buf = np.empty(len(offsets) * cs, dtype=np.uint8)
-        view = memoryview(buf)  # type: ignore[arg-type]
-        offs = offsets.tolist()
-        i = 0
-        while i < len(offs):
-            j = i + 1
-            while j < len(offs) and offs[j] == offs[j - 1] + cs:
-                j += 1
-            self.file.preadinto(offs[i], view[i * cs:j * cs])
-            i = j
-        table = buf.view(_U64).reshape(len(offs), cs // 8)
-        if sys.byteorder == "little":
-            table.byteswap(inplace=True)
-        return table
+        """The L2 tables at ``offsets`` as a (tables, cluster_size/8) array."""
+        return read_tables(self.file, offsets.tolist(), self.cs)
 
     def _check_l2_batch(self, p: _Pass, res: CheckResult, l1e: np.ndarray, frag: bool, fix: int,
                         active: bool) -> None:
@@ -1188,6 +1171,10 @@ class Qcow2Checker:
                 continue
             for cluster, value in batch:
                 self.view.set(cluster, value)
+                if not value:
+                    # update_refcount discards a cluster it frees
+                    # (QCOW2_DISCARD_ALWAYS): the file gets a hole there
+                    self.file.punch_hole(cluster << self.cluster_bits, self.cs)
             if batch:
                 self.file.flush()
                 self.wrote = True
