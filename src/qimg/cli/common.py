@@ -150,7 +150,8 @@ def open_image(
             raise QimgError("--image-opts and --format are mutually exclusive")
         filename, fmt, options = image_opts(name)
     if force_share and not read_only:
-        raise QimgError("force-share=on can only be used with read-only images")
+        # blk_new_open refuses it, so img_open's prefix comes with it
+        raise QimgError(f"Could not open '{name}': force-share=on can only be used with read-only images")
     try:
         img = _open_image(filename, fmt, read_only=read_only, backing=backing, options=options or None)
     except QimgError as e:
