@@ -214,31 +214,44 @@ def _segments(out: int, n: int, bs: int) -> list[tuple[int, int]]:
 
 def _copy(src: Image, dst: Image, start: int, end: int, bs: int) -> None:
     """Input bytes [start, end) to the output from offset 0, in requests
-    of whole blocks; a failed read is retried block by block so that the
-    output gets every block before the bad one, as qemu-img's loop does."""
+    of whole blocks, the next request read in a thread while this one is
+    written; a failed read is retried block by block so that the output
+    gets every block before the bad one, as qemu-img's loop does."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from qimg.protocols.file import keep_freed_buffers
+
     if bs <= CHUNK:
         chunk = CHUNK // bs * bs
     else:
         # qemu-img writes a block at a time; beyond BIG_BLOCK we write it
         # in pieces (same data, but qed may place an L2 table elsewhere)
         chunk = bs if bs <= BIG_BLOCK else CHUNK
-    pos = start
-    while pos < end:
-        n = min(chunk, end - pos)
-        try:
-            data = _read(src, pos, n)
-        except QimgError:
-            if n <= bs:
-                raise
-            for off in range(pos, pos + n, bs):
-                m = min(bs, pos + n - off)
-                _write(dst, off - start, _read(src, off, m))
-        else:
+    keep_freed_buffers()
+    requests = [(pos, min(chunk, end - pos)) for pos in range(start, end, chunk)]
+    with ThreadPoolExecutor(1) as pool:
+        ahead: Future | None = None
+        for i, (pos, n) in enumerate(requests):
+            current = ahead if ahead is not None else pool.submit(_read, src, pos, n)
+            ahead = pool.submit(_read, src, *requests[i + 1]) if i + 1 < len(requests) else None
+            try:
+                data = current.result()
+            except QimgError:
+                if ahead is not None:
+                    # the read-ahead must be done before we read src here
+                    if not ahead.cancel():
+                        ahead.exception()
+                    ahead = None
+                if n <= bs:
+                    raise
+                for off in range(pos, pos + n, bs):
+                    m = min(bs, pos + n - off)
+                    _write(dst, off - start, _read(src, off, m))
+                continue
             view = memoryview(data)
             out = pos - start
             for off, m in _segments(out, n, bs):
                 _write(dst, off, view[off - out:off - out + m])
-        pos += n
 
 
 __all__ = ["dd", "copy_range"]
