@@ -1,0 +1,289 @@
+"""convert's copy options against the real qemu-img: -m, -W, -r, -C,
+--salvage, --target-is-zero, -n into every writable format, -S, -p and -l.
+Same stdout, stderr and exit code, same content and the same allocation
+(qemu-img map) as qemu-img's on twin inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+
+import pytest
+
+from conftest import make_image, needs_qemu, run_qemu, run_qimg
+
+pytestmark = needs_qemu
+
+
+def _map(path: str, fmt: str) -> list:
+    p = run_qemu("map", "--output=json", "-f", fmt, path)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def _same_result(a, b) -> None:
+    assert (a.stdout.decode(), a.stderr.decode(), a.returncode) == (b.stdout.decode(), b.stderr.decode(),
+                                                                      b.returncode)
+
+
+def _twins(tmp_path, args: list[str], out_fmt: str, src: str, prepare=None) -> tuple[str, str]:
+    """convert ``src`` with both programs (same output text and exit code);
+    ``prepare(path)`` makes the target first (for -n)."""
+    mine, theirs = str(tmp_path / f"mine.{out_fmt}"), str(tmp_path / f"theirs.{out_fmt}")
+    for p in (mine, theirs):
+        if os.path.exists(p):
+            os.unlink(p)
+        if prepare is not None:
+            prepare(p)
+    a = run_qimg("convert", *args, "-O", out_fmt, src, mine)
+    b = run_qemu("convert", *args, "-O", out_fmt, src, theirs)
+    _same_result(a, b)
+    return mine, theirs
+
+
+def _same_image(mine: str, theirs: str, fmt: str) -> None:
+    assert _map(mine, fmt) == _map(theirs, fmt)
+    p = run_qemu("compare", "-f", fmt, "-F", fmt, mine, theirs)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.fixture
+def src(tmp_path) -> str:
+    """4 MiB raw: data with zeroes written inside it (allocated zeroes), a
+    hole, more data."""
+    return make_image(tmp_path / "src.raw", "4M", "write -P 0x11 0 1M", "write -P 0 128k 256k",
+                      "write -P 0x22 3M 64k")
+
+
+# ---- -m / -W ---------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["0", "17", "3x", "-5", "08", "0x", ""])
+def test_bad_coroutines(tmp_path, src, value):
+    mine, theirs = _twins(tmp_path, ["-m", value], "raw", src)
+    assert not os.path.exists(mine) and not os.path.exists(theirs)
+
+
+@pytest.mark.parametrize("value", ["1", "+5", "010", " 0x10"])
+def test_coroutines(tmp_path, src, value):
+    # without -W the target is written in guest order: the same layout
+    mine, theirs = _twins(tmp_path, ["-f", "raw", "-m", value], "qcow2", src)
+    _same_image(mine, theirs, "qcow2")
+    with open(mine, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("value", ["1", "8"])
+def test_out_of_order_writes(tmp_path, src, value):
+    # qemu-img's -W layout depends on timing: same content, a clean image
+    mine, theirs = _twins(tmp_path, ["-f", "raw", "-W", "-m", value], "qcow2", src)
+    assert run_qemu("compare", "-f", "qcow2", "-F", "qcow2", mine, theirs).returncode == 0
+    assert run_qemu("check", mine).returncode == 0
+
+
+# ---- -r --------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["-1", "1x"])
+def test_bad_rate_limit(tmp_path, src, value):
+    _twins(tmp_path, ["-r", value], "raw", src)
+
+
+def test_rate_limit_slows_the_copy(tmp_path):
+    # 3 MiB of data are two requests (2 MiB, 1 MiB): the second waits for
+    # the first one's 2 MiB at 2 MiB/s, as qemu-img's does
+    src = make_image(tmp_path / "r.raw", "8M", "write -P 1 0 3M")
+    out = str(tmp_path / "out.raw")
+    start = time.monotonic()
+    p = run_qimg("convert", "-r", "2M", "-f", "raw", "-O", "raw", src, out)
+    took = time.monotonic() - start
+    assert p.returncode == 0, p.stderr
+    assert took >= 0.9
+    assert run_qemu("compare", "-f", "raw", "-F", "raw", src, out).returncode == 0
+
+
+# ---- -C --------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["-C", "-c"], ["-C", "-S", "4k"], ["-C", "--salvage"], ["-c", "-C"]])
+def test_copy_offloading_refusals(tmp_path, src, args):
+    _twins(tmp_path, ["-f", "raw", *args], "qcow2", src)
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
+def test_copy_offloading_copies_data_without_zero_detection(tmp_path, src, out_fmt):
+    mine, theirs = _twins(tmp_path, ["-C", "-f", "raw"], out_fmt, src)
+    _same_image(mine, theirs, out_fmt)
+    # the zeroes inside the data extent were copied, not left out
+    assert _map(mine, out_fmt)[0]["length"] == 1 << 20
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "qed"])
+def test_copy_offloading_falls_back_for_compressed_sources(tmp_path, src, out_fmt):
+    comp = str(tmp_path / "c.qcow2")
+    assert run_qemu("convert", "-c", "-f", "raw", "-O", "qcow2", src, comp).returncode == 0
+    mine, theirs = _twins(tmp_path, ["-C", "-f", "qcow2"], out_fmt, comp)
+    _same_image(mine, theirs, out_fmt)
+
+
+def test_copy_offloading_into_existing_target(tmp_path, src):
+    def prepare(path: str) -> None:
+        make_image(path, "4M", "write -P 0x55 0 4M")
+
+    mine, theirs = _twins(tmp_path, ["-C", "-n", "-f", "raw"], "raw", src, prepare)
+    with open(mine, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()
+
+
+# ---- --salvage and read errors -------------------------------------------------
+
+def _damaged_compressed(tmp_path) -> str:
+    """A compressed qcow2 whose second cluster's compressed stream is
+    garbage: reading it fails with EIO."""
+    raw = make_image(tmp_path / "d.raw", "4M", "write -P 0x11 0 1M", "write -P 0x33 2M 64k")
+    path = str(tmp_path / "d.qcow2")
+    assert run_qemu("convert", "-c", "-f", "raw", "-O", "qcow2", raw, path).returncode == 0
+    with open(path, "r+b") as f:
+        head = f.read(104)
+        l1 = struct.unpack(">Q", head[40:48])[0]
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2 + 8)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        assert entry >> 62 == 1  # compressed
+        f.seek(entry & ((1 << 54) - 1))  # host offset bits for 64k clusters
+        f.write(b"\xff" * 200)
+    return path
+
+
+def test_read_error_message(tmp_path):
+    bad = _damaged_compressed(tmp_path)
+    _twins(tmp_path, ["-m", "1", "-f", "qcow2"], "raw", bad)
+
+
+@pytest.mark.parametrize("extra", [[], ["-q"]])
+def test_salvage_zeroes_what_cannot_be_read(tmp_path, extra):
+    bad = _damaged_compressed(tmp_path)
+    mine, theirs = _twins(tmp_path, ["-m", "1", "--salvage", *extra, "-f", "qcow2"], "raw", bad)
+    with open(mine, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_salvage_warnings(tmp_path):
+    bad = _damaged_compressed(tmp_path)
+    p = run_qimg("convert", "-m", "1", "--salvage", "-f", "qcow2", "-O", "raw", bad, str(tmp_path / "o.raw"))
+    assert p.returncode == 0
+    lines = p.stderr.decode().splitlines()
+    assert lines and lines[0] == "qemu-img: warning: error while reading offset 65536: Input/output error"
+
+
+# ---- --target-is-zero ----------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--target-is-zero"], ["--target-is-zero", "-B", "x.raw", "-F", "raw"]])
+def test_target_is_zero_requires_n(tmp_path, src, args):
+    _twins(tmp_path, ["-f", "raw", *args], "qcow2", src)
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
+def test_target_is_zero_skips_zero_writes(tmp_path, src, out_fmt):
+    def prepare(path: str) -> None:
+        make_image(path, "4M", "write -P 0x55 0 4M", fmt=out_fmt)
+
+    mine, theirs = _twins(tmp_path, ["-n", "--target-is-zero", "-f", "raw"], out_fmt, src, prepare)
+    _same_image(mine, theirs, out_fmt)
+
+
+# ---- -n into every format --------------------------------------------------------
+
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow2", "qed", "vdi", "qcow", "parallels"])
+@pytest.mark.parametrize("size", ["2M", "8M"])
+def test_existing_target(tmp_path, src, out_fmt, size):
+    def prepare(path: str) -> None:
+        make_image(path, size, fmt=out_fmt)
+
+    mine, theirs = _twins(tmp_path, ["-n", "-f", "raw"], out_fmt, src, prepare)
+    _same_image(mine, theirs, out_fmt)
+
+
+# ---- -S ----------------------------------------------------------------------------
+
+@pytest.fixture
+def holes(tmp_path) -> str:
+    """Data with zero runs of many lengths between, at many alignments."""
+    import random
+
+    path = tmp_path / "holes.raw"
+    rnd = random.Random(5)
+    out = bytearray()
+    while len(out) < 4 << 20:
+        n = rnd.choice([512, 1024, 3072, 4096, 8192, 65536, 200192])
+        out += bytes([rnd.randint(1, 255)]) * n if rnd.random() < 0.5 else bytes(n)
+    path.write_bytes(bytes(out[:4 << 20]))
+    return str(path)
+
+
+@pytest.mark.parametrize("value, out_fmt", [("0", "raw"), ("512", "qcow2"), ("3584", "raw"), ("8k", "raw"),
+                                            ("8k", "qcow2"), ("1M", "raw"), ("16M", "qcow2")])
+def test_sparse_sizes(tmp_path, holes, value, out_fmt):
+    mine, theirs = _twins(tmp_path, ["-S", value, "-f", "raw"], out_fmt, holes)
+    _same_image(mine, theirs, out_fmt)
+
+
+@pytest.mark.parametrize("value", ["513", "17M", "-1", "1000"])
+def test_bad_sparse_sizes(tmp_path, src, value):
+    _twins(tmp_path, ["-S", value, "-f", "raw"], "raw", src)
+
+
+# ---- -p ------------------------------------------------------------------------------
+
+@pytest.fixture
+def big(tmp_path) -> str:
+    return make_image(tmp_path / "big.raw", "32M", "write -P 1 0 5M", "write -P 2 10M 7M", "write -P 3 24M 3M")
+
+
+@pytest.mark.parametrize("args", [
+    ["-f", "raw"],
+    ["-m", "1", "-f", "raw"],
+    ["-S", "0", "-f", "raw"],
+])
+def test_progress(tmp_path, big, args):
+    _twins(tmp_path, ["-p", *args], "qcow2", big)
+
+
+def test_progress_compressed_source(tmp_path, big):
+    comp = str(tmp_path / "c.qcow2")
+    assert run_qemu("convert", "-c", "-f", "raw", "-O", "qcow2", big, comp).returncode == 0
+    mine, theirs = _twins(tmp_path, ["-p", "-f", "qcow2"], "raw", comp)
+    _same_image(mine, theirs, "raw")
+
+
+# ---- -l ------------------------------------------------------------------------------
+
+@pytest.fixture
+def snapshots(tmp_path) -> str:
+    """Snapshot 1 'snap' holds 0x01, snapshot 2 (named '7') 0x02, the active layer 0x03."""
+    from conftest import qemu_io_cmds
+
+    path = make_image(tmp_path / "sn.qcow2", "1M", "write -P 1 0 64k", fmt="qcow2")
+    assert run_qemu("snapshot", "-c", "snap", path).returncode == 0
+    qemu_io_cmds(path, "qcow2", "write -P 2 0 64k")
+    assert run_qemu("snapshot", "-c", "7", path).returncode == 0
+    qemu_io_cmds(path, "qcow2", "write -P 3 0 64k")
+    return path
+
+
+SNAPSHOT_PARAMS = ["snap", "7", "snapshot.id=1", "snapshot.name=7", "snapshot.id=1,snapshot.name=snap",
+                   "snapshot.id=1,snapshot.name=x", "snapshot.id", "snapshot.id=1,foo=2", "nosuch"]
+
+
+@pytest.mark.parametrize("param", SNAPSHOT_PARAMS)
+def test_convert_snapshot_param(tmp_path, snapshots, param):
+    mine, theirs = _twins(tmp_path, ["-l", param, "-f", "qcow2"], "raw", snapshots)
+    if os.path.exists(theirs):
+        with open(mine, "rb") as a, open(theirs, "rb") as b:
+            assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("param", SNAPSHOT_PARAMS)
+def test_measure_snapshot_param(snapshots, param):
+    _same_result(run_qimg("measure", "-l", param, "-O", "qcow2", snapshots),
+                 run_qemu("measure", "-l", param, "-O", "qcow2", snapshots))
