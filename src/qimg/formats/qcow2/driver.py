@@ -53,8 +53,9 @@ def _validate_table_offset(offset: int, entries: int, entry_len: int, cluster_si
     return offset % cluster_size == 0
 
 
-def size_to_l1(size: int, cluster_bits: int) -> int:
-    shift = cluster_bits + cluster_bits - 3
+def size_to_l1(size: int, cluster_bits: int, extl2: bool = False) -> int:
+    """L1 entries needed for ``size`` bytes (an extended L2 entry is 16 bytes)."""
+    shift = cluster_bits + cluster_bits - (4 if extl2 else 3)
     return (size + (1 << shift) - 1) >> shift
 
 
@@ -293,7 +294,7 @@ class Qcow2Driver(Driver):
             from qimg.formats.qcow2.cluster import ClusterMap
 
             h = self.header
-            self._map = ClusterMap(self.file, h.cluster_bits, h.l1_table_offset, h.l1_size)
+            self._map = ClusterMap(self.file, h.cluster_bits, h.l1_table_offset, h.l1_size, h.extended_l2)
             self._map.before_l2_flush = self._flush_refs
             self._map.data_file = self.data_file is not self.file
         return self._map
@@ -335,10 +336,19 @@ class Qcow2Driver(Driver):
         from qimg.formats.qcow2 import cluster as C
 
         length = min(length, self.size - offset)
-        cb = self.cluster_bits
+        m = self.map
+        # In subclusters with extended L2 entries (sc_bits == cluster_bits otherwise).
+        cb = m.sc_bits
         ci = offset >> cb
         last = (offset + length - 1) >> cb
-        kind, n, first = self.map.run(ci, last - ci + 1)
+        if m.extl2:
+            kind, n, first = m.subrun(ci, last - ci + 1)
+            if kind == C.INVALID:
+                from qimg.formats.qcow2.io import invalid_entry
+
+                invalid_entry(self, offset)
+        else:
+            kind, n, first = m.run(ci, last - ci + 1)
         run = min(offset + length, (ci + n) << cb) - offset
         host = None
         if kind == C.NORMAL:
@@ -351,6 +361,10 @@ class Qcow2Driver(Driver):
             flags = ZERO | ALLOCATED
         elif kind == C.COMPRESSED:
             flags = DATA | ALLOCATED | S_COMPRESSED
+        elif kind == C.UNALLOCATED_ALLOC:
+            # a host cluster whose subcluster is not allocated: the backing
+            # file shows through, but qemu-img map still prints the offset
+            flags = OFFSET_VALID
         else:
             flags = 0
         if flags & OFFSET_VALID:
@@ -457,7 +471,7 @@ class Qcow2Driver(Driver):
 
         if size % 512 == 0 and self.header.version < 3 and self.header.nb_snapshots:
             raise UnsupportedError("Can't resize a v2 image which has snapshots")
-        if size_to_l1(size, self.cluster_bits) > QCOW_MAX_L1_SIZE // 8:
+        if size_to_l1(size, self.cluster_bits, self.header.extended_l2) > QCOW_MAX_L1_SIZE // 8:
             # qcow2_grow_l1_table's -EFBIG, before anything is written
             raise QimgError("Failed to grow the L1 table: File too large")
         if self._bitmaps is not None:
