@@ -185,15 +185,15 @@ class Qcow2Driver(Driver):
             raise QimgError("Active L1 table too large")
         if h.size > INT64_MAX:
             raise QimgError("Could not refresh total sector count: File too large")
-        l1_vm_state_index = size_to_l1(h.size, h.cluster_bits)
+        if h.extended_l2 and cs // 32 < 1 << H.MIN_CLUSTER_BITS:
+            raise QimgError("Unsupported subcluster size: %d" % (cs // 32))
+        l1_vm_state_index = size_to_l1(h.size, h.cluster_bits, h.extended_l2)
         if l1_vm_state_index > 0x7FFFFFFF:
             raise QimgError("Image is too big")
         if h.l1_size < l1_vm_state_index:
             raise QimgError("L1 table is too small")
         if not _validate_table_offset(h.l1_table_offset, h.l1_size, 8, cs):
             raise QimgError("Active L1 table offset invalid")
-        if h.extended_l2:
-            raise UnsupportedError("qcow2 images with extended L2 entries are not supported yet")
 
     def _repair_dirty(self) -> None:
         """A dirty image (lazy refcounts) has refcounts to rebuild before
