@@ -34,6 +34,17 @@ NORMAL = 1
 ZERO_PLAIN = 2
 ZERO_ALLOC = 3
 COMPRESSED = 4
+# Subcluster types that only extended L2 entries have (QCow2SubclusterType):
+# a host cluster exists but this subcluster is not allocated in it (reads
+# fall through to the backing file), and an entry whose bitmap contradicts
+# itself.
+UNALLOCATED_ALLOC = 5
+INVALID = 6
+
+#: subclusters per cluster with extended L2 entries
+SUBCLUSTERS = 32
+ALL_ALLOC = (1 << 32) - 1
+ALL_ZEROES = ALL_ALLOC << 32
 
 #: bytes of L2 tables kept in memory (QEMU's default l2-cache-size is 32 MiB max)
 L2_CACHE_BYTES = 32 << 20
@@ -54,16 +65,53 @@ def classify(entries: np.ndarray, data_file: bool = False) -> np.ndarray:
     return kinds
 
 
-class ClusterMap:
-    """L1 and L2 tables of one image; dirty tables are written by flush()."""
+def sub_range_mask(first: int, end: int) -> int:
+    """Allocation bits of subclusters [first, end) (QCOW_OFLAG_SUB_ALLOC_RANGE);
+    shift left by 32 for their zero bits."""
+    return ((1 << end) - 1) ^ ((1 << first) - 1)
 
-    def __init__(self, file: "File", cluster_bits: int, l1_offset: int, l1_size: int) -> None:
+
+def classify_sub(entries: np.ndarray, bitmaps: np.ndarray, data_file: bool = False) -> np.ndarray:
+    """Subcluster types of extended L2 entries: an (n, 32) uint8 array, as
+    qcow2_get_subcluster_type.  Bit 0 of the entry (the zero flag of plain
+    L2 entries) means nothing here; a contradictory bitmap makes the whole
+    cluster INVALID."""
+    shifts = np.arange(SUBCLUSTERS, dtype=np.uint64)
+    b = bitmaps.astype(np.uint64)[:, None]
+    alloc = ((b >> shifts) & np.uint64(1)).astype(bool)
+    zero = ((b >> (shifts + np.uint64(32))) & np.uint64(1)).astype(bool)
+    off_mask = L2E_OFFSET_MASK | QCOW_OFLAG_COPIED if data_file else L2E_OFFSET_MASK
+    has_off = ((entries & np.uint64(off_mask)) != 0)[:, None]
+    comp = (entries & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
+    kinds = np.where(has_off,
+                     np.where(zero, ZERO_ALLOC, np.where(alloc, NORMAL, UNALLOCATED_ALLOC)),
+                     np.where(zero, ZERO_PLAIN, UNALLOCATED)).astype(np.uint8)
+    lo = bitmaps & np.uint64(ALL_ALLOC)
+    bad = np.where(has_off[:, 0], (bitmaps >> np.uint64(32)) & lo != 0, lo != 0)
+    kinds[bad & ~comp] = INVALID
+    kinds[comp] = COMPRESSED
+    return kinds
+
+
+class ClusterMap:
+    """L1 and L2 tables of one image; dirty tables are written by flush().
+
+    With extended L2 entries (``extl2``) each L2 entry is followed by its
+    64-bit subcluster bitmap: tables are cached whole, ``l2_table`` gives a
+    strided view of the entries and ``l2_bitmaps`` one of the bitmaps, so
+    code that only knows entries works on either layout."""
+
+    def __init__(self, file: "File", cluster_bits: int, l1_offset: int, l1_size: int,
+                 extl2: bool = False) -> None:
         self.file = file
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
         #: guest data lives in an external data file (see classify)
         self.data_file = False
-        self.l2_bits = cluster_bits - 3
+        self.extl2 = extl2
+        self.l2_bits = cluster_bits - (4 if extl2 else 3)
+        #: log2 of the subcluster size (the cluster size without extended L2)
+        self.sc_bits = cluster_bits - 5 if extl2 else cluster_bits
         self.l2_size = 1 << self.l2_bits
         self.l1_offset = l1_offset
         raw = file.pread(l1_offset, l1_size * 8) if l1_size else b""
@@ -81,7 +129,8 @@ class ClusterMap:
             return 0
         return int(self.l1[l1_index]) & L1E_OFFSET_MASK
 
-    def l2_table(self, l2_offset: int) -> np.ndarray:
+    def l2_raw(self, l2_offset: int) -> np.ndarray:
+        """The whole table as stored (entries and, with extended L2, bitmaps)."""
         tab = self._l2.get(l2_offset)
         if tab is not None:
             self._l2.move_to_end(l2_offset)
@@ -91,16 +140,37 @@ class ClusterMap:
         if len(self._l2) >= self._max_tables:
             self._evict()
         tab = np.frombuffer(self.file.pread(l2_offset, self.cluster_size), dtype=">u8").astype(np.uint64)
+        if len(tab) < self.cluster_size // 8:
+            # a table cut short by the end of the file reads as zeroes
+            tab = np.concatenate((tab, np.zeros(self.cluster_size // 8 - len(tab), dtype=np.uint64)))
         self._l2[l2_offset] = tab
         return tab
 
+    def l2_table(self, l2_offset: int) -> np.ndarray:
+        """The L2 entries of the table (a writable view with extended L2)."""
+        raw = self.l2_raw(l2_offset)
+        return raw[0::2] if self.extl2 else raw
+
+    def l2_bitmaps(self, l2_offset: int) -> np.ndarray:
+        """The subcluster bitmaps of an extended L2 table (a writable view)."""
+        return self.l2_raw(l2_offset)[1::2]
+
     def new_l2_table(self, l2_offset: int, contents: np.ndarray | None = None) -> np.ndarray:
+        """A new table at ``l2_offset``, zeroed or a copy of ``contents``
+        (entries only, or the raw table with bitmaps); returns its entries."""
         if len(self._l2) >= self._max_tables:
             self._evict()
-        tab = np.zeros(self.l2_size, dtype=np.uint64) if contents is None else contents.copy()
-        self._l2[l2_offset] = tab
+        raw = np.zeros(self.cluster_size // 8, dtype=np.uint64)
+        if contents is not None:
+            if len(contents) == len(raw):
+                raw[:] = contents
+            elif self.extl2:
+                raw[0::2] = contents
+            else:
+                raw[:len(contents)] = contents
+        self._l2[l2_offset] = raw
         self._l2_dirty.add(l2_offset)
-        return tab
+        return raw[0::2] if self.extl2 else raw
 
     def mark_dirty(self, l2_offset: int) -> None:
         self._l2_dirty.add(l2_offset)
@@ -121,6 +191,47 @@ class ClusterMap:
         if not off:
             return np.zeros(count, dtype=np.uint64)
         return self.l2_table(off)[i:i + count]
+
+    def bitmaps(self, cluster_index: int, count: int) -> np.ndarray:
+        """Subcluster bitmaps for the clusters ``entries`` would return."""
+        l1i = cluster_index >> self.l2_bits
+        i = cluster_index & (self.l2_size - 1)
+        count = min(count, self.l2_size - i)
+        off = self.l2_offset(l1i)
+        if not off:
+            return np.zeros(count, dtype=np.uint64)
+        return self.l2_bitmaps(off)[i:i + count]
+
+    def subrun(self, sc_index: int, count: int) -> tuple[int, int, int]:
+        """Extended L2: (subcluster type, n, L2 entry of the first cluster)
+        of the longest run of subclusters from ``sc_index`` (at most
+        ``count``) with one type, contiguous on the host where they have a
+        host cluster (count_contiguous_subclusters).  A compressed cluster
+        comes alone; the run stops at the end of the L2 table."""
+        ci, sc = sc_index >> 5, sc_index & 31
+        gap = self._unmapped_clusters(ci, -(-(sc + count) // SUBCLUSTERS))
+        if gap:
+            return UNALLOCATED, min(count, gap * SUBCLUSTERS - sc), 0
+        nclusters = -(-(sc + count) // SUBCLUSTERS)
+        ents = self.entries(ci, nclusters)
+        kinds = classify_sub(ents, self.bitmaps(ci, len(ents)), self.data_file)
+        first = int(ents[0])
+        kind = int(kinds[0, sc])
+        if kind == INVALID:
+            return INVALID, 1, first
+        if kind == COMPRESSED:
+            return kind, min(count, SUBCLUSTERS - sc), first
+        flat = kinds.ravel()[sc:sc + count]
+        same = flat == kind
+        if kind in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC):
+            # whole clusters after the first must continue the host run
+            hosts = ents & np.uint64(L2E_OFFSET_MASK)
+            expect = np.uint64(first & L2E_OFFSET_MASK) + \
+                np.arange(len(ents), dtype=np.uint64) * np.uint64(self.cluster_size)
+            ok = np.repeat(hosts == expect, SUBCLUSTERS)[sc:sc + count]
+            same &= ok
+        bad = np.flatnonzero(~same)
+        return kind, int(bad[0]) if len(bad) else len(flat), first
 
     def run(self, cluster_index: int, count: int) -> tuple[int, int, int]:
         """(type, n, first entry) of the longest run of clusters from

@@ -22,8 +22,9 @@ from qimg.errors import QimgError, UnsupportedError
 from qimg.protocols.file import keep_freed_buffers
 from qimg.formats.qcow2 import compress as Z
 from qimg.formats.qcow2.cluster import (
-    COMPRESSED, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC,
-    ZERO_PLAIN, classify,
+    ALL_ALLOC, ALL_ZEROES, COMPRESSED, INVALID, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, UNALLOCATED, UNALLOCATED_ALLOC, ZERO_ALLOC, ZERO_PLAIN,
+    classify, classify_sub, sub_range_mask,
 )
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
     if length >= 1 << 20:
         keep_freed_buffers()
     length = max(0, min(length, d.size - offset))
+    if d.map.extl2:
+        return _read_ext(d, offset, length, False)
     cb, cs = d.cluster_bits, d.cluster_size
     if length:
         # One run of plain data or of zeroes (the usual case): no zeroed
@@ -199,7 +202,7 @@ def _ensure_l2(d: "Qcow2Driver", l1_index: int) -> np.ndarray:
         # Shared with a snapshot: copy the table; its data clusters keep
         # their (shared) references and are copied on write in turn.
         old_off = ent & L2E_OFFSET_MASK
-        contents = m.l2_table(old_off).copy()
+        contents = m.l2_raw(old_off).copy()
         off = d.refs.alloc(d.cluster_size)
         tab = m.new_l2_table(off, contents)
         m.l1[l1_index] = _U64(off | QCOW_OFLAG_COPIED)
@@ -277,8 +280,11 @@ def alloc_data(d: "Qcow2Driver", guest: int, nbytes: int) -> int:
 def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
     if offset + len(data) > d.size:
         raise QimgError("Invalid argument")
+    if d.map.extl2:
+        _write_ext(d, offset, data)
+        return
     cb, cs = d.cluster_bits, d.cluster_size
-    l2_bits = cb - 3
+    l2_bits = d.map.l2_bits
     pos, end = offset, offset + len(data)
     while pos < end:
         ci = pos >> cb
@@ -330,7 +336,7 @@ def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) 
     clusters: one contiguous allocation, one pwrite, copy-on-write for the
     partial head and tail clusters."""
     cb, cs = d.cluster_bits, d.cluster_size
-    tab = _ensure_l2(d, ci >> (cb - 3))
+    tab = _ensure_l2(d, ci >> d.map.l2_bits)
     start = ci << cb
     head = pos - start
     tail = (n << cb) - head - len(data)
@@ -359,10 +365,10 @@ def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) 
                 _data_pwrite(d, host + ((n - 1) << cb), last)
     else:
         _data_pwrite(d, host, data)
-    i = ci & ((1 << (cb - 3)) - 1)
+    i = ci & ((1 << d.map.l2_bits) - 1)
     old = tab[i:i + n].copy()
     tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
-    d.map.mark_dirty(_l2_offset(d, ci >> (cb - 3)))
+    d.map.mark_dirty(_l2_offset(d, ci >> d.map.l2_bits))
     d._zcache = None
     if old.any():
         _release(d, old)
@@ -373,8 +379,8 @@ def write_compressed_raw(d: "Qcow2Driver", offset: int, comp: bytes) -> None:
     if offset & (cs - 1) or offset >= d.size:
         raise QimgError("Invalid argument")
     ci = offset >> cb
-    tab = _ensure_l2(d, ci >> (cb - 3))
-    i = ci & ((1 << (cb - 3)) - 1)
+    tab = _ensure_l2(d, ci >> d.map.l2_bits)
+    i = ci & ((1 << d.map.l2_bits) - 1)
     # Compression cannot overwrite anything (qcow2_alloc_compressed_cluster_offset).
     if int(tab[i]) & L2E_OFFSET_MASK:
         raise QimgError("Input/output error")
@@ -384,7 +390,10 @@ def write_compressed_raw(d: "Qcow2Driver", offset: int, comp: bytes) -> None:
     d.file.pwrite(host, comp)
     d._zcache = None
     tab[i] = _U64(Z.make_descriptor(host, len(comp), cb))
-    d.map.mark_dirty(_l2_offset(d, ci >> (cb - 3)))
+    if d.map.extl2:
+        # compressed clusters have no subcluster bitmap
+        d.map.l2_bitmaps(_l2_offset(d, ci >> d.map.l2_bits))[i] = 0
+    d.map.mark_dirty(_l2_offset(d, ci >> d.map.l2_bits))
 
 
 def _alloc_bytes(d: "Qcow2Driver", size: int) -> int:
@@ -450,6 +459,9 @@ def write_zeroes(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> Non
     length = min(length, d.size - offset)
     if length <= 0:
         return
+    if d.map.extl2:
+        _write_zeroes_ext(d, offset, length, unmap)
+        return
     cs, cb = d.cluster_size, d.cluster_bits
     end = offset + length
     pos = offset
@@ -496,7 +508,7 @@ def _zeroize_or_write(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -
 def _zeroize(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
     """Set the zero flag on whole clusters (zero_in_l2_slice)."""
     cb = d.cluster_bits
-    l2_bits = cb - 3
+    l2_bits = d.map.l2_bits
     ci, last = offset >> cb, (offset + length - 1) >> cb
     while ci <= last:
         l1i = ci >> l2_bits
@@ -531,7 +543,7 @@ def discard(d: "Qcow2Driver", offset: int, length: int) -> None:
 
 def _discard_clusters(d: "Qcow2Driver", offset: int, length: int) -> None:
     cb = d.cluster_bits
-    l2_bits = cb - 3
+    l2_bits = d.map.l2_bits
     v3 = d.header.version >= 3
     ci, last = offset >> cb, (offset + length - 1) >> cb
     while ci <= last:
@@ -542,10 +554,20 @@ def _discard_clusters(d: "Qcow2Driver", offset: int, length: int) -> None:
         kinds = classify(old, d.map.data_file)
         allocated = (kinds == NORMAL) | (kinds == ZERO_ALLOC) | (kinds == COMPRESSED)
         touch = allocated | (d.backing is not None)
-        new = np.where(touch, _U64(QCOW_OFLAG_ZERO if v3 else 0), old)
-        if (new != old).any():
+        if d.map.extl2:
+            # the cluster goes, its subclusters read as zeroes (discard_in_l2_slice)
+            new = np.where(touch, _U64(0), old)
+            old_bm = d.map.bitmaps(ci, n)
+            new_bm = np.where(touch, _U64(ALL_ZEROES), old_bm)
+            changed = (new != old).any() or (new_bm != old_bm).any()
+        else:
+            new = np.where(touch, _U64(QCOW_OFLAG_ZERO if v3 else 0), old)
+            changed = (new != old).any()
+        if changed:
             tab = _ensure_l2(d, l1i)
             tab[i:i + n] = new
+            if d.map.extl2:
+                d.map.l2_bitmaps(_l2_offset(d, l1i))[i:i + n] = new_bm
             d.map.mark_dirty(_l2_offset(d, l1i))
             d._zcache = None
             _release(d, np.where(allocated, old, _U64(0)), punch=True)
@@ -586,7 +608,7 @@ def truncate(d: "Qcow2Driver", size: int, prealloc: str, shrink: bool) -> None:
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise UnsupportedError(f"Unsupported preallocation mode '{prealloc}'")
     old = d.size
-    grow_l1(d, size_to_l1(size, d.cluster_bits))
+    grow_l1(d, size_to_l1(size, d.cluster_bits, d.map.extl2))
     if prealloc in ("falloc", "full"):
         preallocate_data(d, old, size, prealloc)
     d.size = d.header.size = size
@@ -621,7 +643,7 @@ def preallocate_data(d: "Qcow2Driver", old: int, size: int, prealloc: str) -> No
     d.file.truncate(start + nb_data * cs, prealloc)
     if head_data:
         d.file.pwrite(start, head_data)
-    l2_bits = cb - 3
+    l2_bits = d.map.l2_bits
     ci, host = first, start
     while ci < first + nb_data:
         i = ci & ((1 << l2_bits) - 1)
@@ -640,7 +662,7 @@ def preallocate_metadata(d: "Qcow2Driver", start: int, end: int) -> None:
     data (preallocate_co): per L2 table, the table first, then its data
     clusters in one contiguous run; the file is then extended to cover them."""
     cb, cs = d.cluster_bits, d.cluster_size
-    l2_bits = cb - 3
+    l2_bits = d.map.l2_bits
     max_clusters = ((1 << 31) - 1 - 511) >> cb  # BDRV_REQUEST_MAX_BYTES
     ci = start >> cb
     last = (end - 1) >> cb if end > start else ci - 1
@@ -663,6 +685,11 @@ def preallocate_metadata(d: "Qcow2Driver", start: int, end: int) -> None:
         tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
         d.map.mark_dirty(_l2_offset(d, l1i))
         host_end = host + (n << cb)
+        if d.map.extl2:
+            # no copy-on-write pads the last cluster: the file ends with the
+            # last subcluster the image covers
+            sc_end = -(-end >> d.map.sc_bits) << d.map.sc_bits
+            host_end = host + min(n << cb, sc_end - (ci << cb))
         ci += n
         # QEMU's allocation loop goes on with the next L2 table (allocating
         # it) before it finds it cannot extend the data run contiguously.
@@ -681,7 +708,7 @@ def shrink_image(d: "Qcow2Driver", size: int) -> None:
     from qimg.formats.qcow2.driver import size_to_l1
 
     cb, cs = d.cluster_bits, d.cluster_size
-    l2_bits = cb - 3
+    l2_bits = d.map.l2_bits
     m, refs = d.map, d.refs
     punch: list[tuple[int, int]] = []
     start = -(-size // cs)
@@ -694,8 +721,11 @@ def shrink_image(d: "Qcow2Driver", size: int) -> None:
         if _l2_offset(d, l1i):
             tab = _ensure_l2(d, l1i)
             old = tab[i:i + n].copy()
-            if old.any():
+            bms = m.l2_bitmaps(_l2_offset(d, l1i))[i:i + n] if m.extl2 else None
+            if old.any() or (bms is not None and bms.any()):
                 tab[i:i + n] = 0
+                if bms is not None:
+                    bms[:] = 0
                 m.mark_dirty(_l2_offset(d, l1i))
                 kinds = classify(old)
                 for k in np.flatnonzero((kinds == NORMAL) | (kinds == ZERO_ALLOC)):
@@ -705,7 +735,7 @@ def shrink_image(d: "Qcow2Driver", size: int) -> None:
                 _release(d, old)
         ci += n
     d._zcache = None
-    new_l1 = size_to_l1(size, cb)
+    new_l1 = size_to_l1(size, cb, m.extl2)
     d.flush_metadata()
     for l1i in range(len(m.l1) - 1, new_l1 - 1, -1):
         off = int(m.l1[l1i]) & L2E_OFFSET_MASK
@@ -751,3 +781,308 @@ def _punch_free(d: "Qcow2Driver", ranges: list[tuple[int, int]]) -> None:
             end = min((first + int(b)) << cb, file_size)
             if end > start:
                 d.file.write_zeroes(start, end - start)
+
+
+# ---- extended L2 entries (subclusters) ------------------------------------------
+# With extended_l2 each cluster has 32 subclusters, each allocated, zero or
+# unallocated on its own (docs/interop/qcow2.txt "Extended L2 Entries").  QEMU
+# allocates whole host clusters but copies on write and marks allocation per
+# subcluster; the functions below follow qcow2_alloc_host_offset,
+# calculate_l2_meta, qcow2_subcluster_zeroize and discard_in_l2_slice.
+
+def invalid_entry(d: "Qcow2Driver", offset: int) -> None:
+    """A contradictory subcluster bitmap (QEMU's QCOW2_SUBCLUSTER_INVALID):
+    the image is corrupt; refuse the request."""
+    m = d.map
+    ci = offset >> d.cluster_bits
+    l2_off = m.l2_offset(ci >> m.l2_bits)
+    import sys
+
+    h = d.header
+    what = (f"Invalid cluster entry found  (L2 offset: {l2_off:#x}, "
+            f"L2 index: {ci & (m.l2_size - 1):#x})")
+    if d.read_only:
+        sys.stderr.write(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events "
+                         f"will be suppressed\n")
+    elif not h.incompatible_features & 2:
+        d._write_incompat(h.incompatible_features | 2)
+        sys.stderr.write(f"qcow2: Marking image as corrupt: {what}; further corruption events "
+                         f"will be suppressed\n")
+    raise QimgError("Input/output error")
+
+
+def _read_ext(d: "Qcow2Driver", offset: int, length: int, through: bool) -> bytes:
+    """Guest bytes of this layer, one pread per contiguous host run;
+    unallocated subclusters read as zeroes, or from the backing chain when
+    ``through`` (the source of copy-on-write)."""
+    m = d.map
+    scb, cb = m.sc_bits, d.cluster_bits
+    out = bytearray(length)
+    view = memoryview(out)
+    pos, end = offset, offset + length
+    while pos < end:
+        sci = pos >> scb
+        kind, n, first = m.subrun(sci, ((end - 1) >> scb) - sci + 1)
+        run_end = min(end, (sci + n) << scb)
+        dst = view[pos - offset:run_end - offset]
+        if kind == NORMAL:
+            host = (first & L2E_OFFSET_MASK) + pos - ((pos >> cb) << cb)
+            d.data_file.preadinto(host, dst)
+        elif kind == COMPRESSED:
+            base = (pos >> cb) << cb
+            dst[:] = _decompressed(d, first)[pos - base:run_end - base]
+        elif kind in (UNALLOCATED, UNALLOCATED_ALLOC) and through and d.backing is not None:
+            avail = max(0, min(run_end, d.backing.size) - pos)
+            if avail:
+                dst[:avail] = d.backing.read(pos, avail)
+        elif kind == INVALID:
+            invalid_entry(d, pos)
+        pos = run_end
+    return bytes(out)
+
+
+def _guest_content(d: "Qcow2Driver", offset: int, length: int) -> bytes:
+    """What a read of [offset, +length) returns now, through the backing
+    chain; zeroes past the end of the image."""
+    if length <= 0:
+        return b""
+    _drain(d)
+    avail = max(0, min(length, d.size - offset))
+    data = _read_ext(d, offset, avail, True) if avail else b""
+    return data + bytes(length - avail)
+
+
+def _ctz32(x: int) -> int:
+    return (x & -x).bit_length() - 1 if x else 32
+
+
+def _clz32(x: int) -> int:
+    return 32 - x.bit_length()
+
+
+def _write_ext(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
+    m = d.map
+    cb, cs = d.cluster_bits, d.cluster_size
+    pos, end = offset, offset + len(data)
+    want = None  # where the host run of this request goes on
+    while pos < end:
+        ci = pos >> cb
+        table_end = ((ci >> m.l2_bits) + 1) << m.l2_bits
+        last = min((end - 1) >> cb, table_end - 1)
+        ents = m.entries(ci, last - ci + 1)
+        # Clusters we own alone are written in place (handle_copied), as
+        # long as they follow each other on the host.
+        inplace = (classify(ents, m.data_file) == NORMAL) & ((ents & _U64(QCOW_OFLAG_COPIED)) != 0)
+        keep = bool(inplace[0])
+        same = inplace == keep
+        if keep:
+            hosts = ents & _U64(L2E_OFFSET_MASK)
+            same &= hosts == hosts[0] + np.arange(len(ents), dtype=_U64) * _U64(cs)
+        change = np.flatnonzero(~same)
+        n = int(change[0]) if len(change) else len(ents)
+        host = None
+        if not keep and want is not None and d.data_file is d.file:
+            # QEMU goes on with the host run the request has so far when
+            # the clusters right after it are free (qcow2_alloc_clusters_at)
+            got = d.refs.alloc_at(want, n)
+            if got:
+                n, host = got, want
+        seg_end = min(end, (ci + n) << cb)
+        want = _write_ext_run(d, ci, n, pos, data[pos - offset:seg_end - offset], keep, host)
+        pos = seg_end
+
+
+def _write_ext_run(d: "Qcow2Driver", ci: int, n: int, pos: int, buf: memoryview, keep: bool,
+                   new_host: int | None = None) -> int:
+    """Write ``buf`` at guest ``pos`` into the ``n`` clusters from ``ci``
+    (one L2 table): in place (``keep``) or into a new host run (at
+    ``new_host`` if the caller already referenced one), with copy-on-write
+    of the partial edge subclusters, and the allocation bits of every
+    written subcluster set.  Returns the host offset after the run."""
+    m = d.map
+    cb, cs, scb = d.cluster_bits, d.cluster_size, m.sc_bits
+    l1i = ci >> m.l2_bits
+    tab = _ensure_l2(d, l1i)
+    l2_off = _l2_offset(d, l1i)
+    i = ci & (m.l2_size - 1)
+    bms = m.l2_bitmaps(l2_off)[i:i + n]
+    ents = tab[i:i + n]
+    kinds = classify_sub(ents, bms, m.data_file)
+    if (kinds == INVALID).any():
+        invalid_entry(d, (ci + int(np.flatnonzero((kinds == INVALID).any(axis=1))[0])) << cb)
+    start = ci << cb
+    wfrom = pos - start
+    wto = wfrom + len(buf)
+    sc_first, sc_last = wfrom >> scb, (wto - 1) >> scb
+    k_first = int(kinds[0, sc_first])
+    k_last = int(kinds[n - 1, sc_last & (SUBCLUSTERS - 1)])
+    sc_size = 1 << scb
+    round_sc = -(-wto // sc_size) * sc_size
+    if keep:
+        if (kinds.ravel()[sc_first:sc_last + 1] == NORMAL).all():
+            # nothing but allocated subclusters: a plain overwrite
+            host = int(ents[0]) & L2E_OFFSET_MASK
+            check_overlap(d, host + wfrom, len(buf))
+            _data_pwrite(d, host + wfrom, buf)
+            d._zcache = None
+            return host + (n << cb)
+        cow_from = wfrom if k_first == NORMAL else sc_first << scb
+        cow_to = wto if k_last == NORMAL else round_sc
+        host = int(ents[0]) & L2E_OFFSET_MASK
+    else:
+        if k_first == COMPRESSED:
+            cow_from = 0
+        elif k_first in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC):
+            # a shared cluster: copy from its first allocated subcluster on
+            cow_from = min(sc_first, _ctz32(int(bms[0]) & ALL_ALLOC)) << scb
+        else:
+            cow_from = sc_first << scb
+        sl = sc_last & (SUBCLUSTERS - 1)
+        if k_last == COMPRESSED:
+            cow_to = n << cb
+        elif k_last in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC):
+            cow_to = (n << cb) - (min(SUBCLUSTERS - 1 - sl, _clz32(int(bms[-1]) & ALL_ALLOC)) << scb)
+        else:
+            cow_to = round_sc
+        host = new_host
+    # The copy-on-write data is read before any table changes.
+    head = _guest_content(d, start + cow_from, wfrom - cow_from)
+    tail = _guest_content(d, start + wto, cow_to - wto)
+    if host is None:
+        host = alloc_data(d, start, n << cb)
+    check_overlap(d, host + cow_from, cow_to - cow_from)
+    if len(buf) <= 1 << 20 and (head or tail):
+        _data_pwrite(d, host + cow_from, b"".join((head, buf, tail)))
+    else:
+        if head:
+            _data_pwrite(d, host + cow_from, head)
+        _data_pwrite(d, host + wfrom, buf)
+        if tail:
+            _data_pwrite(d, host + wto, tail)
+    d._zcache = None
+    # qcow2_alloc_cluster_link_l2: subclusters [cow_from, cow_to) become
+    # allocated, their zero bits go.
+    masks = np.full(n, ALL_ALLOC, dtype=_U64)
+    first_lo = cow_from >> scb
+    last_hi = ((cow_to - 1) >> scb) - ((n - 1) << 5) + 1
+    if n == 1:
+        masks[0] = sub_range_mask(first_lo, last_hi)
+    else:
+        masks[0] = sub_range_mask(first_lo, SUBCLUSTERS)
+        masks[-1] = sub_range_mask(0, last_hi)
+    old = ents.copy()
+    new_bms = (bms | masks) & ~(masks << _U64(32))
+    if not keep:
+        tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
+    bms[:] = new_bms
+    m.mark_dirty(l2_off)
+    if not keep and old.any():
+        _release(d, old)
+    return host + (n << cb)
+
+
+def _write_zeroes_ext(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
+    """bdrv_co_do_pwrite_zeroes with the subcluster as alignment: a partial
+    subcluster at either end is zeroed whole if the rest of it already
+    reads as zeroes, else written with zero data; the aligned middle goes
+    to qcow2_subcluster_zeroize."""
+    m = d.map
+    scb = m.sc_bits
+    ss = 1 << scb
+    size = d.size
+    end = offset + length
+    pos = offset
+    while pos < end:
+        gstart = pos >> scb << scb
+        gend = min(gstart + ss, size)
+        if pos > gstart or end < gend:
+            seg_end = min(end, gstart + ss)
+            kind, _, _ = m.subrun(pos >> scb, 1)
+            rest_zero = kind in (ZERO_PLAIN, ZERO_ALLOC) or (
+                kind in (UNALLOCATED, UNALLOCATED_ALLOC) and _chain_reads_zero(d, gstart, pos - gstart)
+                and _chain_reads_zero(d, seg_end, gend - seg_end))
+            if rest_zero:
+                _zeroize_ext(d, gstart, gend - gstart, unmap)
+            else:
+                write(d, pos, memoryview(bytes(seg_end - pos)))
+            pos = seg_end
+            continue
+        last_end = end >> scb << scb if end < size else end
+        _zeroize_ext(d, pos, last_end - pos, unmap)
+        pos = last_end
+
+
+def _zeroize_ext(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
+    """qcow2_subcluster_zeroize: zero bits for the subclusters of partial
+    clusters at either end, whole clusters as zero_in_l2_slice does.  A
+    partial compressed cluster cannot be zeroed so: the whole request is
+    then written with zero data, as the block layer falls back."""
+    cs, cb = d.cluster_size, d.cluster_bits
+    end = offset + length
+    head = min(end, -(-offset // cs) * cs) - offset
+    mid = offset + head
+    tail = 0 if end >= d.size else end - max(mid, end >> cb << cb)
+    mid_end = end - tail
+    ok = not head or _zero_subclusters(d, offset, head)
+    if ok and mid_end > mid:
+        _zero_clusters_ext(d, mid, mid_end - mid, unmap)
+    if ok and tail:
+        ok = _zero_subclusters(d, mid_end, tail)
+    if not ok:
+        chunk = 4 << 20
+        p = offset
+        while p < end:
+            k = min(chunk, end - p)
+            write(d, p, memoryview(bytes(k)))
+            p += k
+
+
+def _zero_subclusters(d: "Qcow2Driver", offset: int, length: int) -> bool:
+    """zero_l2_subclusters for part of one cluster; False for a compressed
+    cluster (which cannot be zeroed in part)."""
+    m = d.map
+    cb, scb = d.cluster_bits, m.sc_bits
+    ci = offset >> cb
+    first = (offset >> scb) & (SUBCLUSTERS - 1)
+    count = -(-length // (1 << scb))
+    tab = _ensure_l2(d, ci >> m.l2_bits)
+    l2_off = _l2_offset(d, ci >> m.l2_bits)
+    i = ci & (m.l2_size - 1)
+    if int(tab[i]) & QCOW_OFLAG_COMPRESSED:
+        return False
+    bms = m.l2_bitmaps(l2_off)
+    mask = sub_range_mask(first, first + count)
+    new = (int(bms[i]) | (mask << 32)) & ~mask
+    if new != int(bms[i]):
+        bms[i] = _U64(new)
+        m.mark_dirty(l2_off)
+        d._zcache = None
+    return True
+
+
+def _zero_clusters_ext(d: "Qcow2Driver", offset: int, length: int, unmap: bool) -> None:
+    """zero_in_l2_slice on whole clusters: every subcluster reads as zeroes;
+    compressed clusters, and with ``unmap`` allocated ones, lose their host
+    cluster."""
+    m = d.map
+    cb = d.cluster_bits
+    ci, last = offset >> cb, (offset + length - 1) >> cb
+    while ci <= last:
+        l1i = ci >> m.l2_bits
+        i = ci & (m.l2_size - 1)
+        n = min(last + 1 - ci, m.l2_size - i)
+        tab = _ensure_l2(d, l1i)
+        l2_off = _l2_offset(d, l1i)
+        bms = m.l2_bitmaps(l2_off)[i:i + n]
+        old = tab[i:i + n].copy()
+        kinds = classify(old, m.data_file)
+        comp = kinds == COMPRESSED
+        drop = comp | (unmap & (kinds == NORMAL))
+        new = np.where(drop, _U64(0), old)
+        if (new != old).any() or (bms != _U64(ALL_ZEROES)).any():
+            tab[i:i + n] = new
+            bms[:] = ALL_ZEROES
+            m.mark_dirty(l2_off)
+            d._zcache = None
+            _release(d, np.where(drop, old, _U64(0)), punch=True)
+        ci += n
