@@ -91,19 +91,26 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
     if version < 3 and ctype != "zlib":
         raise QimgError("Non-zlib compression type is only supported with compatibility level 1.1 "
                         "and above (use version=v3 or greater)")
-    if o.get("extended_l2"):
-        raise UnsupportedError("Extended L2 entries are not supported yet")
+    extl2 = bool(o.get("extended_l2"))
+    if extl2:
+        if version < 3:
+            raise QimgError("Extended L2 entries are only supported with compatibility level 1.1 "
+                            "and above (use version=v3 or greater)")
+        if cluster_size < 1 << 14:
+            raise QimgError("Extended L2 entries are only supported with cluster sizes of at least "
+                            "16384 bytes")
     datafile.validate_create(o, version)
     if o.get("data_file_raw") and prealloc == "off":
         # the raw data file must match the metadata: map every cluster
         prealloc = "metadata"
     cluster_bits = cluster_size.bit_length() - 1
     size = (size + 511) // 512 * 512
-    l2_shift = cluster_bits + cluster_bits - 3
+    # an extended L2 entry takes 16 bytes, a plain one 8
+    l2_shift = cluster_bits + cluster_bits - (4 if extl2 else 3)
     if ((size + (1 << l2_shift) - 1) >> l2_shift) * 8 > QCOW_MAX_L1_SIZE:
         raise QimgError("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
     return dict(size=size, version=version, prealloc=prealloc, ctype=ctype, cluster_bits=cluster_bits,
-                refcount_order=refcount_bits.bit_length() - 1, lazy=lazy,
+                refcount_order=refcount_bits.bit_length() - 1, lazy=lazy, extl2=extl2,
                 data_file=o.get("data_file") or None, data_file_raw=bool(o.get("data_file_raw")),
                 backing_file=o.get("backing_file") or None, backing_fmt=o.get("backing_fmt") or None)
 
@@ -121,6 +128,8 @@ def create_image(filename: str, size: int, options: dict[str, Any]) -> None:
         h.header_length = H.V3_HEADER_LENGTH_COMPRESSION
     if v["lazy"]:
         h.compatible_features |= H.COMPAT_LAZY_REFCOUNTS
+    if v["extl2"]:
+        h.incompatible_features |= H.INCOMPAT_EXTL2
     if v["ctype"] == "zstd":
         h.compression_type = H.COMPRESSION_ZSTD
         h.incompatible_features |= H.INCOMPAT_COMPRESSION
