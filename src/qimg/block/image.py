@@ -101,8 +101,11 @@ class Image:
             length = ext.length
             below = img.backing
             if offset >= below.size:
-                # Past the end of a shorter backing file: zeroes, owned by none.
-                return Extent(offset, length, ZERO | (ext.flags & EOF)), depth
+                # Past the end of a shorter backing file: zeroes, owned by
+                # none; a host offset the layer reports (a qcow2 subcluster
+                # not allocated in its host cluster) stays, as qemu-img map shows.
+                return Extent(offset, length, ZERO | (ext.flags & (EOF | OFFSET_VALID)),
+                              ext.host_offset, ext.file), depth
             length = min(length, below.size - offset)
             img = below
             depth += 1
