@@ -307,3 +307,19 @@ def test_segments() -> None:
     assert _segments(1049000, 4096, 512) == [(1049000, 4096)]
     assert _segments(1045576, 10000, 1000) == [(1045576, 2424), (1048000, 1000), (1049000, 6576)]
     assert _segments(0, 8192, 4096) == [(0, 4096), (4096, 4096)]
+
+
+@pytest.mark.parametrize("args", [
+    ["if=top.qcow2", "of=base.qcow2"],  # a backing file in use
+    ["if=conv.qed", "of=conv.qed"],
+    ["-O", "qcow2", "if=in.raw", "of=in.raw"],  # raw nodes share write access
+    ["-U", "if=top.qcow2", "of=base.qcow2"],
+    ["-U", "-O", "qcow2", "if=top.qcow2", "of=top.qcow2"],
+    ["-f", "raw", "if=conv.vdi", "of=conv.vdi"],
+])
+def test_output_in_use_by_input(inputs: Path, args: list[str]) -> None:
+    """qemu-img holds its input open while creating the output: a format
+    node's file (not a raw node's, nor with -U) cannot be written over."""
+    q, m = run_both(inputs, "dd", *args)
+    out = args[-1][3:]
+    assert (m / out).read_bytes() == (q / out).read_bytes()

@@ -144,6 +144,8 @@ def dd(
     try:
         out_fmt, path = _output_target(out_format, output)
         start, end, past_end = copy_range(src.size, bs, count, skip)
+        if not force_share:
+            _check_not_in_use(src, output, path)
         _create(out_fmt, output, path, end - start)
         dst = _open_output(output, path, out_fmt)
         try:
@@ -156,6 +158,21 @@ def dd(
     finally:
         src.close()
     return end - start
+
+
+def _check_not_in_use(src: Image, output: str, path: str) -> None:
+    """qemu-img holds the input open while it creates the output, and a
+    format node (not raw) does not share write access to its file: writing
+    over the input or one of its backing files fails on the lock."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    for img in src.chain():
+        mine = os.fstat(img.file.fd)
+        if img.format != "raw" and (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino):
+            raise QimgError(f'{output}: error while creating output image: Failed to get "write" lock',
+                            detail=f"Is another process using the image [{output}]?\n")
 
 
 def _create(fmt: str, output: str, path: str, size: int) -> None:
