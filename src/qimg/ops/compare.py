@@ -6,8 +6,11 @@ so the first mismatch is reported at the sector qemu-img reports."""
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from qimg.block.image import Image, open_image
 from qimg.block.status import ALLOCATED, ZERO
@@ -122,34 +125,12 @@ def compare_images(
 
     if strict and size1 != size2:
         return CompareResult(False, None, "Strict mode: Image size mismatch!", code=DIFFERENT)
-    offset = 0
+    offset = total
     try:
-        while offset < total:
-            status1, pnum1 = _status(img1, offset, size1 - offset, name1)
-            status2, pnum2 = _status(img2, offset, size2 - offset, name2)
-            allocated1 = status1 & ALLOCATED
-            allocated2 = status2 & ALLOCATED
-            chunk = min(pnum1, pnum2)
-            if strict and status1 != status2:
-                return CompareResult(
-                    False, offset, f"Strict mode: Offset {offset} block status mismatch!", code=DIFFERENT
-                )
-            if status1 & ZERO and status2 & ZERO:
-                pass
-            elif bool(allocated1) == bool(allocated2):
-                if allocated1:
-                    chunk = min(chunk, CHUNK)
-                    idx = _first_difference(_read(img1, offset, chunk, name1), _read(img2, offset, chunk, name2))
-                    if idx >= 0:
-                        raise _Mismatch(offset + idx)
-            else:
-                chunk = min(chunk, CHUNK)
-                if allocated1:
-                    _check_empty(img1, offset, chunk, name1)
-                else:
-                    _check_empty(img2, offset, chunk, name2)
-            offset += chunk
-            advance(chunk)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            found = _compare_common(img1, img2, name1, name2, total, strict, pool, advance)
+        if found is not None:
+            return found
 
         warning = None
         if size1 != size2:
@@ -172,6 +153,99 @@ def compare_images(
         return CompareResult(True, None, "Images are identical.", warning)
     except _Mismatch as m:
         return CompareResult(False, m.offset, f"Content mismatch at offset {m.offset}!", code=DIFFERENT)
+
+
+#: chunks whose reads are under way ahead of the one being compared
+AHEAD = 4
+
+
+def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: bool,
+          locks: tuple[threading.Lock, threading.Lock]) -> Iterator[tuple[str, int, int, QimgError | None]]:
+    """img_compare's walk over the common part: (what to do, offset, length,
+    error) per chunk.  What to do: "skip", "both" (compare the two),
+    "empty1"/"empty2" (only that image has data: it must read as zeroes),
+    "strict" (a block status mismatch) or "error" (a block status failed;
+    reported when the walk gets there, after the chunks before it)."""
+    size1, size2 = img1.size, img2.size
+    offset = 0
+    while offset < total:
+        try:
+            with locks[0]:
+                status1, pnum1 = _status(img1, offset, size1 - offset, name1)
+            with locks[1]:
+                status2, pnum2 = _status(img2, offset, size2 - offset, name2)
+        except QimgError as e:
+            yield "error", offset, 0, e
+            return
+        allocated1 = status1 & ALLOCATED
+        allocated2 = status2 & ALLOCATED
+        chunk = min(pnum1, pnum2)
+        if strict and status1 != status2:
+            yield "strict", offset, 0, None
+            return
+        kind = "skip"
+        if status1 & ZERO and status2 & ZERO:
+            pass
+        elif bool(allocated1) == bool(allocated2):
+            if allocated1:
+                chunk = min(chunk, CHUNK)
+                kind = "both"
+        else:
+            chunk = min(chunk, CHUNK)
+            kind = "empty1" if allocated1 else "empty2"
+        yield kind, offset, chunk, None
+        offset += chunk
+
+
+def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: bool,
+                    pool: ThreadPoolExecutor, advance: Callable[[int], None]) -> CompareResult | None:
+    """Compare the part both images have, the reads of the next chunks
+    running in the pool (one image per thread at a time: format drivers'
+    caches are not thread-safe) while this thread compares; the first
+    mismatch or error in guest order wins, as in qemu-img's serial loop."""
+    lock = threading.Lock()
+    locks = (lock, lock if img2 is img1 else threading.Lock())
+
+    def read(i: int, offset: int, length: int) -> bytes:
+        img, name = (img1, name1) if i == 0 else (img2, name2)
+        with locks[i]:
+            return _read(img, offset, length, name)
+
+    pending: deque = deque()
+
+    def finish() -> CompareResult | None:
+        kind, offset, chunk, err, f1, f2 = pending.popleft()
+        if kind == "error":
+            raise err
+        if kind == "strict":
+            return CompareResult(False, offset, f"Strict mode: Offset {offset} block status mismatch!",
+                                 code=DIFFERENT)
+        if kind == "both":
+            idx = _first_difference(f1.result(), f2.result())
+        elif kind == "empty1":
+            idx = _first_nonzero(f1.result())
+        elif kind == "empty2":
+            idx = _first_nonzero(f2.result())
+        else:
+            idx = -1
+        if idx >= 0:
+            raise _Mismatch(offset + idx)
+        advance(chunk)
+        return None
+
+    for kind, offset, chunk, err in _plan(img1, img2, name1, name2, total, strict, locks):
+        f1 = pool.submit(read, 0, offset, chunk) if kind in ("both", "empty1") else None
+        f2 = pool.submit(read, 1, offset, chunk) if kind in ("both", "empty2") else None
+        pending.append((kind, offset, chunk, err, f1, f2))
+        if len(pending) > AHEAD:
+            found = finish()
+            if found is not None:
+                return found
+    while pending:
+        found = finish()
+        if found is not None:
+            return found
+    return None
 
 
 def _f32_div(a: int, b: int) -> float:
