@@ -80,14 +80,25 @@ def _status_entries(img: Any, start: int, end: int, depth: int = 0) -> Iterator[
                 continue
             if ext.offset >= below.size:
                 # past the end of a shorter backing file: zeroes, owned by none
-                yield MapEntry(start=ext.offset, length=ext.length, depth=depth, zero=True)
+                yield _past_backing(ext, ext.offset, depth)
                 continue
             mid = min(ext.end, below.size)
             yield from _status_entries(below, ext.offset, mid, depth + 1)
             if mid < ext.end:
-                yield MapEntry(start=mid, length=ext.end - mid, depth=depth, zero=True)
+                yield _past_backing(ext, mid, depth)
     except OSError as e:
         raise QimgError(f"Could not read file metadata: {e.strerror}") from None
+
+
+def _past_backing(ext: Any, start: int, depth: int) -> MapEntry:
+    """The part of an unallocated extent from ``start`` on, past the end of
+    the backing file: zeroes; a host offset the layer reports there (a
+    qcow2 subcluster not allocated in its host cluster) is still printed."""
+    e = MapEntry(start=start, length=ext.end - start, depth=depth, zero=True)
+    if ext.flags & OFFSET_VALID:
+        e.offset = ext.host_offset + (start - ext.offset)
+        e.filename = ext.file
+    return e
 
 
 def _layer(img: Any, start: int, end: int) -> Iterator[Any]:
