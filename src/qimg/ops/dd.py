@@ -6,10 +6,14 @@ qemu-img's dd is a plain read/write loop: it creates the output (format
 bytes at a time and writes them, zero blocks included, so every output
 format ends up fully allocated (``qemu-img map`` shows data everywhere).
 We keep that result but move the bytes in large requests (a multiple of
-``bs`` up to CHUNK), since sequential writes lay the output out the same
-whatever their size; only when a large read fails do we fall back to
-``bs``-sized reads, so that the output holds exactly the blocks qemu-img
-would have written before its error.
+``bs`` up to CHUNK, the next one read in a thread while this one is
+written).  Sequential writes lay an image out the same whatever their
+size, with one exception: a format that allocates a table after the data
+it indexes (qed's L2 tables) puts the table after the first write into its
+range, so the block holding each multiple of ISOLATE is written alone, as
+qemu-img wrote it; the outputs are then byte-identical to qemu-img's.
+When a large read fails we retry it ``bs`` at a time, so that the output
+holds exactly the blocks qemu-img would have written before its error.
 
 Two quirks of img_dd are kept because the output must match qemu-img's:
 ``count`` limits the input from its start, not from ``skip`` (the copy
@@ -35,11 +39,19 @@ BIG_BLOCK = 256 << 20
 #: the block holding each multiple of this output offset is written alone
 ISOLATE = 1 << 20
 
-#: protocol prefixes qemu 7.2 knows; we create and open only plain files
-_PROTOCOLS = (
-    "file", "host_device", "host_cdrom", "nbd", "http", "https", "ftp", "ftps", "ssh",
-    "gluster", "iscsi", "iser", "nfs", "rbd", "null-co", "null-aio", "nvme", "vvfat",
-)
+#: protocol prefixes qemu 7.2 knows, and the driver each names; we
+#: create and open only plain files
+_PROTOCOLS = {
+    "file": "file", "host_device": "host_device", "host_cdrom": "host_cdrom", "nbd": "nbd",
+    "nbd+unix": "nbd", "nbd+tcp": "nbd", "http": "http", "https": "https", "ftp": "ftp", "ftps": "ftps",
+    "ssh": "ssh", "gluster": "gluster", "gluster+tcp": "gluster", "gluster+unix": "gluster",
+    "gluster+rdma": "gluster", "iscsi": "iscsi", "iser": "iser", "nfs": "nfs", "rbd": "rbd",
+    "null-co": "null-co", "null-aio": "null-aio", "nvme": "nvme", "fat": "vvfat",
+    "blkdebug": "blkdebug", "blkverify": "blkverify",
+}
+#: protocol drivers without create options (refused before creation)
+_NO_CREATE_PROTOCOLS = frozenset(("vvfat", "null-co", "null-aio", "blkdebug", "blkverify",
+                                  "http", "https", "ftp", "ftps"))
 
 #: formats qemu 7.2 has but cannot create (qimg reads few of them)
 _NO_CREATE = frozenset((
@@ -79,28 +91,34 @@ def _protocol(filename: str) -> str | None:
 
 def _output_target(out_format: str, filename: str) -> tuple[str, str]:
     """(format, plain file name) of the output, with qemu-img's refusals in
-    img_dd's order: the format, the protocol, then creation support."""
+    img_dd's order: the format, the protocol, then creation support of
+    each."""
     from qimg.formats import get_driver
 
     # the file protocol used as a format writes the bytes as they are: raw
     fmt = "raw" if out_format == "file" else out_format
-    if fmt in _NO_CREATE:
-        raise QimgError(f"Format driver '{out_format}' does not support image creation")
-    try:
-        drv = get_driver(fmt)
-    except QimgError:
-        raise QimgError("Unknown file format") from None
+    creates = fmt not in _NO_CREATE
+    if creates:
+        try:
+            drv = get_driver(fmt)
+        except QimgError:
+            raise QimgError("Unknown file format") from None
+        creates = drv.supports_create and bool(drv.create_opts)
     path = filename
     protocol = _protocol(filename)
+    driver = "file"
     if protocol is not None:
         if protocol not in _PROTOCOLS:
             raise QimgError(f"Unknown protocol '{protocol}'")
-        if protocol != "file":
-            raise QimgError(f"{filename}: error while creating output image: "
-                            f"Protocol driver '{protocol}' is not supported by qimg")
+        driver = _PROTOCOLS[protocol]
         path = filename[len(protocol) + 1:]
-    if not drv.supports_create or not drv.create_opts:
+    if not creates:
         raise QimgError(f"Format driver '{out_format}' does not support image creation")
+    if driver in _NO_CREATE_PROTOCOLS:
+        raise QimgError(f"Protocol driver '{driver}' does not support image creation")
+    if driver != "file":
+        raise QimgError(f"{filename}: error while creating output image: "
+                        f"Protocol driver '{driver}' is not supported by qimg")
     return fmt, path
 
 
