@@ -98,6 +98,9 @@ class Qcow2Driver(Driver):
 
     # ---- open ---------------------------------------------------------------------
     def do_open(self, options: dict[str, Any]) -> None:
+        #: opened for check (BDRV_O_CHECK): the snapshot table is the
+        #: check's to validate, read and repair
+        self._check_mode = bool(options.get("check"))
         self._map: "ClusterMap | None" = None
         self._refs: "Refcounts | None" = None
         self._modified = False
@@ -177,9 +180,11 @@ class Qcow2Driver(Driver):
             raise QimgError(f"Unsupported encryption method {h.crypt_method}")
         if h.crypt_method == 2:
             raise UnsupportedError("LUKS encrypted qcow2 images are not supported yet")
-        if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+        if getattr(self, "_check_mode", False):
+            pass
+        elif h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
             raise QimgError("Snapshot table too large")
-        if not _validate_table_offset(h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE, cs):
+        elif not _validate_table_offset(h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE, cs):
             raise QimgError("Snapshot table offset invalid")
         if h.l1_size > QCOW_MAX_L1_SIZE // 8:
             raise QimgError("Active L1 table too large")
