@@ -403,6 +403,8 @@ class Qcow2Checker:
         self.l1 = _read_u64s(self.file, self.l1_offset, self.l1_size)
         self._set_reftable(h.refcount_table_offset, h.refcount_table_clusters)
         self.snapshots: list[_Snapshot] = []
+        #: the table's entries as snapshot.py writes them (for a repair)
+        self.snap_entries: list[Any] = []
         self.snapshots_offset = h.snapshots_offset
         self.snapshots_size = 0
         #: what the last calculate() found: the highest refcount, and
@@ -531,6 +533,11 @@ class Qcow2Checker:
         finally:
             self._done()
         result.add(ref_res, True)
+        try:
+            self._fix_snapshot_table(snap_res)
+        except _CheckFailed as e:
+            result.add(snap_res, False)
+            raise self._failed(e) from None
         result.add(snap_res, False)
         if self.fix and result.check_errors == 0 and result.corruptions == 0:
             # qcow2_mark_clean, then qcow2_mark_consistent; both flush the
@@ -597,38 +604,22 @@ class Qcow2Checker:
 
     # ---- snapshots -----------------------------------------------------------
     def _read_snapshot_table(self, res: CheckResult) -> None:
-        """The snapshot table's L1 tables and its size (qcow2_read_snapshots)."""
-        n = self.header.nb_snapshots
-        offset = self.snapshots_offset
-        if not n:
+        """The snapshot table's entries and size, read (and with -r all
+        repaired) as qcow2_check_read_snapshot_table (check_snapshots.py)."""
+        if not self.header.nb_snapshots and not self.snapshots_offset & (self.cs - 1):
             return
-        if n > QCOW_MAX_SNAPSHOTS or offset & (self.cs - 1):
-            res.check_errors += 1
-            what = "too large" if n > QCOW_MAX_SNAPSHOTS else "offset invalid"
-            self.report(f"ERROR snapshot table {what}")
-            self.report("You can force-remove all snapshots with qemu-img check -r all")
-            raise _CheckFailed(27 if n > QCOW_MAX_SNAPSHOTS else 22)
-        pos = offset
-        for _ in range(n):
-            (l1_off, l1_size, id_len, name_len, _ds, _dn, _vm, _vs,
-             extra) = SNAPSHOT_HEADER.unpack(self.file.pread(pos, SNAPSHOT_HEADER.size))
-            pos += SNAPSHOT_HEADER.size
-            if extra > 1024:
-                res.check_errors += 1
-                self.report("ERROR failed to read the snapshot table: "
-                            "Too much extra metadata in snapshot table entry 0")
-                raise _CheckFailed(27)
-            pos += extra
-            names = self.file.pread(pos, id_len + name_len)
-            pos += id_len + name_len
-            pos = (pos + 7) & ~7
-            if pos - offset > QCOW_MAX_SNAPSHOTS * 1024:
-                res.check_errors += 1
-                self.report("ERROR failed to read the snapshot table: Snapshot table is too big")
-                raise _CheckFailed(27)
-            self.snapshots.append(_Snapshot(names[:id_len].decode("utf-8", "replace"),
-                                            names[id_len:].decode("utf-8", "replace"), l1_off, l1_size))
-        self.snapshots_size = pos - offset
+        from qimg.formats.qcow2 import check_snapshots
+
+        self.snap_entries = check_snapshots.check_read(self, res, bool(self.fix & FIX_ERRORS))
+        self.snapshots = [_Snapshot(sn.id_str.decode("utf-8", "replace"), sn.name.decode("utf-8", "replace"),
+                                    sn.l1_table_offset, sn.l1_size) for sn in self.snap_entries]
+
+    def _fix_snapshot_table(self, res: CheckResult) -> None:
+        """qcow2_check_fix_snapshot_table."""
+        if res.corruptions and self.fix & FIX_ERRORS:
+            from qimg.formats.qcow2 import check_snapshots
+
+            check_snapshots.check_fix(self, res, self.snap_entries, True)
 
     # ---- calculate_refcounts -------------------------------------------------
     def calculate(self, res: CheckResult, fix: int, nb: int) -> tuple[np.ndarray, int, bool]:
