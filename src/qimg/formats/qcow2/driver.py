@@ -382,6 +382,12 @@ class Qcow2Driver(Driver):
     def data_node(self) -> "File":
         return self.data_file
 
+    @property
+    def subcluster_size(self) -> int:
+        """The unit of allocation: with extended L2 entries a cluster has 32
+        subclusters, each allocated on its own."""
+        return self.cluster_size >> 5 if self.header.extended_l2 else self.cluster_size
+
     def _metadata_preallocated(self) -> bool:
         """QEMU's qcow2_detect_metadata_preallocation: far more clusters are
         referenced than the file really stores, so data clusters may be
