@@ -872,7 +872,9 @@ def _write_runs(job: CopyJob, chunk: Chunk, data, runs: list[tuple[int, int, boo
     offset = chunk.sector * SECTOR
     view = memoryview(data)
     if job.has_zero_init and not job.target_has_backing and job.cluster_sectors > 1:
-        runs = _whole_clusters(runs, chunk, job.cluster_sectors)
+        # a qcow2 target with extended L2 entries allocates per subcluster
+        unit = getattr(target.driver, "subcluster_size", None)
+        runs = _whole_clusters(runs, chunk, unit // SECTOR if unit else job.cluster_sectors)
     for first, count, is_data in runs:
         start = first * SECTOR
         end = start + count * SECTOR
