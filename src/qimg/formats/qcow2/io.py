@@ -240,10 +240,18 @@ def _release(d: "Qcow2Driver", old: np.ndarray, punch: bool = False) -> None:
     refs = d.refs
     if d.data_file is not d.file:
         # Data clusters in an external file carry no refcounts.
-        if punch:
+        if punch and len(plain):
             _drain(d)
-            for h in hosts[plain].tolist():
-                d.data_file.write_zeroes(h, cs)
+            # one hole per contiguous run (host == guest there, so runs are long)
+            hs = np.sort(hosts[plain])
+            breaks = np.flatnonzero(np.diff(hs) != _U64(cs)) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [len(hs)]))
+            size = d.data_file.size  # a discard does not extend the file
+            for a, b in zip(hs[starts].tolist(), hs[ends - 1].tolist()):
+                end = min(b + cs, size)
+                if end > a:
+                    d.data_file.write_zeroes(a, end - a)
         return
     if len(plain):
         hs = np.sort(hosts[plain])
