@@ -200,7 +200,7 @@ def _two(d: Path) -> None:
 
 def test_image_opts_data_file(tmp_path: Path) -> None:
     both_all(tmp_path, _two, [
-        ("map", "--output=json", "--image-opts", opts) for opts in (
+        ("map", *out, "--image-opts", opts) for out in ((), ("--output=json",)) for opts in (
             "driver=qcow2,file.filename=img.qcow2,data-file.filename=other.raw",
             "driver=qcow2,file.filename=img.qcow2,data-file.filename=other.raw,data-file.driver=file",
             "driver=qcow2,file.filename=img.qcow2,data-file=other.raw",
@@ -272,3 +272,13 @@ def test_measure(tmp_path: Path) -> None:
     both_all(tmp_path, _source, [("measure", "-O", "qcow2", "-o", opts, *src)
                                  for opts in ("data_file=x.raw", "data_file=x.raw,data_file_raw=on", "data_file_raw=on")
                                  for src in (["src.raw"], ["--size", "1G"])])
+
+
+def test_unmap_at_an_unaligned_end(tmp_path: Path) -> None:
+    """Zeroing with unmap frees clusters of the data file, the partial last
+    one too, without extending the data file."""
+    def setup(d: Path) -> None:
+        image("off", "1000k", "write -P 3 0 256k", "write -P 4 960k 40k", name="base.qcow2", data="b.raw")(d)
+        (d / "zero.raw").write_bytes(bytes(1024000))
+    both(tmp_path, setup, "convert", "-n", "-O", "qcow2", "zero.raw", "base.qcow2",
+         then=(("map", "--output=json", "base.qcow2"),))
