@@ -92,7 +92,8 @@ def commit(
         except QimgError as e:
             raise QimgError(f"Top image {top.filename} is larger than base image {base.filename}, "
                             f"and resize of base image failed: {e.message}") from None
-    runs = dirty_ranges(top, base, _granularity(base))
+    granularity = _granularity(base)
+    runs = dirty_ranges(top, base, granularity)
     total = sum(e - s for s, e in runs)
     done = 0
     for start, end in runs:
@@ -100,6 +101,12 @@ def commit(
         while pos < end:
             flags, n = block_status_above(top, pos, min(CHUNK, end - pos))
             n = max(1, min(n, end - pos))
+            # mirror_iteration: whole chunks of the granularity; a status
+            # run shorter than one chunk (a qcow2 subcluster run) is copied
+            n -= n % granularity
+            if n < granularity:
+                n = min(granularity, end - pos)
+                flags = DATA
             if flags & DATA or not flags & ZERO:
                 base.write(pos, top.read(pos, n))
             else:
