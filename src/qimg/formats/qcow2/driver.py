@@ -272,6 +272,20 @@ class Qcow2Driver(Driver):
 
         return check_image(self, repair)
 
+    def reopen_for_repair(self) -> None:
+        """What QEMU's read-write open for ``check -r`` does beyond the
+        read-only one: load the persistent bitmaps for writing, flagging
+        them in use.  QEMU does that by rewriting the header from its state,
+        in which check mode has no snapshot table yet, so qemu-img 7.2
+        leaves the table's count and offset zero (the snapshots are lost and
+        their clusters repaired as leaks); we do the same, byte for byte."""
+        self._open_bitmaps()
+        store = self._bitmaps
+        if store is not None and any(not b.inconsistent for b in store.bitmaps):
+            self.file.pwrite(60, struct.pack(">IQ", 0, 0))
+            self.header.nb_snapshots = 0
+            self.header.snapshots_offset = 0
+
     def block_status_bulk(self, offset: int, length: int) -> Any:
         """Many block_status answers at once (formats/qcow2/scan.py): an
         iterator of Extents, and an int (the guest offset up to which to
