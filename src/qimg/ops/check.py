@@ -96,6 +96,16 @@ def open_for_check(filename: str, fmt: str | None = None, repair: str | None = N
             driver.file = writable
             driver.read_only = False
             img.read_only = False
+            # QEMU opens a repaired image read-write from the start (its
+            # persistent bitmaps, say, are loaded for writing and stored
+            # again on close): the driver does what that adds
+            reopen = getattr(driver, "reopen_for_repair", None)
+            if reopen is not None:
+                try:
+                    reopen()
+                except QimgError:
+                    img.close()
+                    raise
         return img
     except QimgError as e:
         raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
