@@ -282,3 +282,10 @@ def test_unmap_at_an_unaligned_end(tmp_path: Path) -> None:
         (d / "zero.raw").write_bytes(bytes(1024000))
     both(tmp_path, setup, "convert", "-n", "-O", "qcow2", "zero.raw", "base.qcow2",
          then=(("map", "--output=json", "base.qcow2"),))
+
+
+def test_raw_data_file_over_several_l2_tables(tmp_path: Path) -> None:
+    """data_file_raw maps every cluster 1:1, also across L2 tables and when
+    the image grows (the new clusters are preallocated as well)."""
+    both(tmp_path, _nothing, "create", "-f", "qcow2", "-o", "data_file=t.raw,data_file_raw=on,cluster_size=4k",
+         "t.qcow2", "3M", then=(("resize", "t.qcow2", "5000k"), ("map", "t.qcow2"), ("check", "t.qcow2")))
