@@ -202,6 +202,16 @@ def test_empty_image(tmp_path):
     assert r.returncode == 0 and RUN_LINE.search(r.stdout)
 
 
+@needs_qemu
+def test_empty_requests_cost_nothing(images):
+    """Two billion empty requests move no byte: done at once (qemu-img
+    sends them one by one), but the first still may not start past the end."""
+    r = run_qimg("bench", "-s", "0", "-c", "2147483647", "-S", "4k", "r.img", cwd=str(images))
+    assert r.returncode == 0 and RUN_LINE.search(r.stdout)
+    _assert_same_run(["-s", "0", "-c", "3", "-o", "1M", "r.img"], str(images))
+    _assert_same_run(["-s", "0", "-c", "3", "-o", "1025k", "r.img"], str(images))
+
+
 # The loop itself, on an image that records what it is asked to do.
 
 class _Recorder:

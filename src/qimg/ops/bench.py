@@ -92,6 +92,12 @@ def run_bench(img: "Image", spec: BenchSpec) -> float:
 
     size = img.size
     bufsize = spec.bufsize
+    if bufsize == 0:
+        # empty requests: only the first can start past the end, and none
+        # moves a byte, so there is nothing to send (or to flush)
+        if spec.count and spec.offset > size:
+            raise QimgError(f"Failed request: {EIO}")
+        return 0.0
     merge = bufsize > 0 and spec.step_size == bufsize
     pattern = bytes([spec.pattern]) * min(MAX_IO, bufsize * min(spec.count, BATCH)) if spec.write else b""
     done = 0

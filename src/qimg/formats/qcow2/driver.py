@@ -379,6 +379,10 @@ class Qcow2Driver(Driver):
         elif kind == C.ZERO_PLAIN:
             flags = ZERO | ALLOCATED
         elif kind == C.COMPRESSED:
+            if self.data_file is not self.file:
+                from qimg.formats.qcow2.datafile import compressed_entry
+
+                compressed_entry(self, offset)
             flags = DATA | ALLOCATED | S_COMPRESSED
         elif kind == C.UNALLOCATED_ALLOC:
             # a host cluster whose subcluster is not allocated: the backing
