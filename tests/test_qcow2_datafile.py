@@ -289,3 +289,20 @@ def test_raw_data_file_over_several_l2_tables(tmp_path: Path) -> None:
     the image grows (the new clusters are preallocated as well)."""
     both(tmp_path, _nothing, "create", "-f", "qcow2", "-o", "data_file=t.raw,data_file_raw=on,cluster_size=4k",
          "t.qcow2", "3M", then=(("resize", "t.qcow2", "5000k"), ("map", "t.qcow2"), ("check", "t.qcow2")))
+
+
+def _compressed_entry(d: Path) -> None:
+    """A compressed L2 entry, which an image with a data file cannot have."""
+    image("off", "1M", "write -P 3 0 128k")(d)
+    path = d / "img.qcow2"
+    buf = bytearray(path.read_bytes())
+    l1 = struct.unpack_from(">Q", buf, 40)[0]
+    l2 = struct.unpack_from(">Q", buf, l1)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", buf, l2 + 8, (1 << 62) | 0x30000)
+    path.write_bytes(bytes(buf))
+
+
+@pytest.mark.parametrize("cmd", [["map", "img.qcow2"], ["convert", "-O", "raw", "img.qcow2", "o.raw"],
+                                 ["compare", "img.qcow2", "data.raw"], ["check", "img.qcow2"]])
+def test_compressed_entry_is_corruption(tmp_path: Path, cmd: list[str]) -> None:
+    both(tmp_path, _compressed_entry, *cmd)

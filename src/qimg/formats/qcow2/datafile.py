@@ -156,3 +156,26 @@ def create_file(name: str) -> "File":
         if e.message.startswith(opened):
             raise QimgError(f"Could not create '{name}': " + e.message[len(opened):], e.code) from None
         raise
+
+
+def compressed_entry(d: "Qcow2Driver", offset: int) -> None:
+    """A compressed cluster cannot live in an external data file: the image
+    is corrupt (qcow2_get_host_offset signals it); refuse the request."""
+    import errno
+    import os
+    import sys
+
+    m = d.map
+    ci = offset >> d.cluster_bits
+    what = (f"Compressed cluster entry found in image with external data file "
+            f"(L2 offset: {m.l2_offset(ci >> m.l2_bits):#x}, L2 index: {ci & (m.l2_size - 1):#x})")
+    h = d.header
+    if d.read_only:
+        sys.stderr.write(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events "
+                         f"will be suppressed\n")
+    elif not h.incompatible_features & H.INCOMPAT_CORRUPT:
+        d._write_incompat(h.incompatible_features | H.INCOMPAT_CORRUPT)
+        sys.stderr.write(f"qcow2: Marking image as corrupt: {what}; further corruption events "
+                         f"will be suppressed\n")
+    # an I/O error, as the commands report failed metadata lookups
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
