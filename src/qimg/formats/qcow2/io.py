@@ -90,6 +90,10 @@ def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
             host = (first & L2E_OFFSET_MASK) + (pos & (cs - 1))
             d.data_file.preadinto(host, view[pos - offset:run_end - offset])
         elif kind == COMPRESSED:
+            if d.data_file is not d.file:
+                from qimg.formats.qcow2.datafile import compressed_entry
+
+                compressed_entry(d, pos)
             p = pos
             while p < run_end:
                 c = p >> cb
