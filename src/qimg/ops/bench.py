@@ -23,8 +23,8 @@ depth * bufsize up front and aborts when that fails).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qimg.errors import QimgError
@@ -55,6 +55,8 @@ class BenchSpec:
     write: bool = False
     pattern: int = 0
     flush_interval: int = 0
+    #: --no-drain: in qemu a flush then overlaps the requests in flight;
+    #: sent one after another, ours flush at the same points either way
     drain_on_flush: bool = True
     #: cache=writethrough/directsync: every write is followed by a flush
     writethrough: bool = False
