@@ -697,4 +697,4 @@ def load_tmp(d: "Qcow2Driver", snapshot_id: str | None, name: str | None) -> Non
         raise SnapshotErrno(2, "Can't find snapshot")
     sn = snaps[i]
     _validate_l1(d, sn)
-    d._map = ClusterMap(d.file, d.cluster_bits, sn.l1_table_offset, sn.l1_size)
+    d._map = ClusterMap(d.file, d.cluster_bits, sn.l1_table_offset, sn.l1_size, d.header.extended_l2)
