@@ -87,8 +87,7 @@ def _discard_all(d: "Qcow2Driver") -> None:
     from qimg.formats.qcow2.cluster import L2E_OFFSET_MASK
 
     d._writable()
-    cb = d.cluster_bits
-    per_table = 1 << (cb - 3)
+    per_table = d.map.l2_size
     total = -(-d.size // d.cluster_size)
     m = d.map
     for l1i in range(min(len(m.l1), -(-total // per_table))):
@@ -97,10 +96,13 @@ def _discard_all(d: "Qcow2Driver") -> None:
         ci = l1i * per_table
         n = min(per_table, total - ci)
         old = m.entries(ci, n).copy()
-        if not old.any():
+        if not old.any() and not (m.extl2 and m.bitmaps(ci, n).any()):
             continue
         tab = io._ensure_l2(d, l1i)
         tab[:n] = 0
+        if m.extl2:
+            # no subcluster may read as zeroes either: the backing shows through
+            m.l2_bitmaps(io._l2_offset(d, l1i))[:n] = 0
         m.mark_dirty(io._l2_offset(d, l1i))
         d._zcache = None
         io._release(d, old, punch=True)
