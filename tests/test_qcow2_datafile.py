@@ -303,6 +303,7 @@ def _compressed_entry(d: Path) -> None:
 
 
 @pytest.mark.parametrize("cmd", [["map", "img.qcow2"], ["convert", "-O", "raw", "img.qcow2", "o.raw"],
-                                 ["compare", "img.qcow2", "data.raw"], ["check", "img.qcow2"]])
+                                 ["compare", "img.qcow2", "data.raw"], ["check", "img.qcow2"],
+                                 ["dd", "if=img.qcow2", "of=o.raw", "bs=64k"]])
 def test_compressed_entry_is_corruption(tmp_path: Path, cmd: list[str]) -> None:
     both(tmp_path, _compressed_entry, *cmd)

@@ -170,7 +170,10 @@ def compressed_entry(d: "Qcow2Driver", offset: int) -> None:
     what = (f"Compressed cluster entry found in image with external data file "
             f"(L2 offset: {m.l2_offset(ci >> m.l2_bits):#x}, L2 index: {ci & (m.l2_size - 1):#x})")
     h = d.header
-    if d.read_only:
+    if getattr(d, "_corruption_reported", False):
+        pass  # "further ... events will be suppressed"
+    elif d.read_only:
+        d._corruption_reported = True
         sys.stderr.write(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events "
                          f"will be suppressed\n")
     elif not h.incompatible_features & H.INCOMPAT_CORRUPT:
