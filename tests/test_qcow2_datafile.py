@@ -307,3 +307,22 @@ def _compressed_entry(d: Path) -> None:
                                  ["dd", "if=img.qcow2", "of=o.raw", "bs=64k"]])
 def test_compressed_entry_is_corruption(tmp_path: Path, cmd: list[str]) -> None:
     both(tmp_path, _compressed_entry, *cmd)
+
+
+def test_overlay_with_data_file(tmp_path: Path) -> None:
+    """An overlay keeping its data in a data file, over a base that does too."""
+    def setup(d: Path) -> None:
+        image("off", "1M", "write -P 3 0 256k", "write -P 4 900k 4k", name="base.qcow2", data="bd.raw")(d)
+        _qemu(d, "create", "-q", "-f", "qcow2", "new.qcow2", "1M")
+        _qemu(d, "create", "-q", "-f", "qcow2", "-o", "data_file=t.raw", "-b", "base.qcow2", "-F", "qcow2",
+              "top.qcow2")
+        run_qemu_io("-c", "write -P 7 100k 200k", "-c", "write -z 512k 128k", "-c", "discard 128k 64k",
+                    "top.qcow2", cwd=str(d))
+    both(tmp_path, setup, "compare", "top.qcow2", "base.qcow2",
+         then=(("convert", "-O", "qcow2", "-o", "data_file=x.raw", "-B", "base.qcow2", "-F", "qcow2",
+                "top.qcow2", "o.qcow2"),
+               ("map", "--output=json", "o.qcow2"),
+               ("rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"),
+               ("map", "top.qcow2"),
+               ("commit", "top.qcow2"),
+               ("map", "--output=json", "new.qcow2")))
