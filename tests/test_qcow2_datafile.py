@@ -310,7 +310,9 @@ def test_compressed_entry_is_corruption(tmp_path: Path, cmd: list[str]) -> None:
 
 
 def test_overlay_with_data_file(tmp_path: Path) -> None:
-    """An overlay keeping its data in a data file, over a base that does too."""
+    """An overlay keeping its data in a data file, over a base that does too.
+    (Not commit after the rebase: qemu-img's commit job allocates in
+    another order there, with or without data files.)"""
     def setup(d: Path) -> None:
         image("off", "1M", "write -P 3 0 256k", "write -P 4 900k 4k", name="base.qcow2", data="bd.raw")(d)
         _qemu(d, "create", "-q", "-f", "qcow2", "new.qcow2", "1M")
@@ -323,6 +325,4 @@ def test_overlay_with_data_file(tmp_path: Path) -> None:
                 "top.qcow2", "o.qcow2"),
                ("map", "--output=json", "o.qcow2"),
                ("rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"),
-               ("map", "top.qcow2"),
-               ("commit", "top.qcow2"),
-               ("map", "--output=json", "new.qcow2")))
+               ("map", "top.qcow2")))
