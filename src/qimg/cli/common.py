@@ -26,6 +26,14 @@ _RAW_PROBE_WARNING = (
     "         Specify the 'raw' format explicitly to remove the restrictions.\n"
 )
 
+#: the object types qemu-img 7.2 knows (``--object help``); others are
+#: refused as a bad qom-type
+_QEMU_OBJECT_TYPES = frozenset((
+    "authz-list", "authz-list-file", "authz-simple", "main-loop", "pr-manager-helper", "secret",
+    "secret_keyring", "thread-context", "throttle-group", "tls-cipher-suites", "tls-creds-anon",
+    "tls-creds-psk", "tls-creds-x509",
+))
+
 #: secrets given with --object secret,id=ID,data=...|file=...; LUKS reads them
 SECRETS: dict[str, bytes] = {}
 
@@ -93,6 +101,10 @@ def add_object(text: str) -> None:
     if qom_type != "secret":
         if qom_type in ("secret_keyring", "tls-creds-psk", "tls-creds-x509", "tls-creds-anon", "tls-cipher-suites"):
             raise QimgError(f"Object type '{qom_type}' is not supported")
+        if not qom_type:
+            raise QimgError("Parameter 'qom-type' is missing")
+        if qom_type not in _QEMU_OBJECT_TYPES:
+            raise QimgError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
         raise QimgError(f"invalid object type: {qom_type}")
     if "id" not in props:
         raise QimgError("Parameter 'id' is missing")
@@ -127,9 +139,16 @@ def image_opts(text: str) -> tuple[str, str | None, dict[str, Any]]:
     opts = dict((k, v if v is not None else "on") for k, v in split_options(text))
     filename = opts.pop("file.filename", None) or opts.pop("filename", None)
     fmt = opts.pop("driver", None)
-    opts.pop("file.driver", None)
+    protocol = opts.pop("file.driver", None)
     if filename is None:
-        raise QimgError("The 'file' block driver requires a file name")
+        # what blk_new_open finds missing first, prefixed as img_open does
+        if fmt == "file" or protocol is not None:
+            reason = "The 'file' block driver requires a file name"
+        elif fmt is None or any(k.startswith("file.") for k in opts):
+            reason = "Must specify either driver or file"
+        else:
+            reason = 'A block device must be specified for "file"'
+        raise QimgError(f"Could not open '{text}': {reason}")
     return filename, fmt, opts
 
 
