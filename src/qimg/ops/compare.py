@@ -156,7 +156,7 @@ def compare_images(
 
 
 #: chunks whose reads are under way ahead of the one being compared
-AHEAD = 4
+AHEAD = 2
 
 
 def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: bool,
@@ -203,6 +203,10 @@ def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int
     running in the pool (one image per thread at a time: format drivers'
     caches are not thread-safe) while this thread compares; the first
     mismatch or error in guest order wins, as in qemu-img's serial loop."""
+    from qimg.protocols.file import keep_freed_buffers
+
+    # the reads in flight each allocate a buffer: reuse freed ones
+    keep_freed_buffers()
     lock = threading.Lock()
     locks = (lock, lock if img2 is img1 else threading.Lock())
 
