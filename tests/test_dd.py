@@ -126,6 +126,8 @@ def assert_same_image(theirs: Path, mine: Path, fmt: str) -> None:
     ["-f", "qcow2", "if=in.raw", "of=o.raw"],
     ["--image-opts", "-f", "raw", "if=in.raw", "of=o.raw"],
     ["if=in.raw", "of=o.raw", "if=missing"],
+    ["--object", "foo", "if=in.raw", "of=o.raw"],
+    ["--object", "id=x", "if=in.raw", "of=o.raw"],
 ])
 def test_refusals(inputs: Path, args: list[str]) -> None:
     q, m = run_both(inputs, "dd", *args)
