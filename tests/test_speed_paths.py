@@ -152,3 +152,15 @@ def test_check_snapshot_refcounts(tmp_path: Path, bits: int, batches: None) -> N
     _same(["check", "x.qcow2"], tmp_path)
     _same(["check", "--output=json", "x.qcow2"], tmp_path)
 
+
+
+@pytest.mark.parametrize("repair", [None, "all"])
+def test_check_uniform_table_not_copied(tmp_path: Path, repair: str | None, batches: None) -> None:
+    """A preallocated table whose entries all lack OFLAG_COPIED is still one
+    run of clusters: each entry is reported (and repaired) as qemu-img does."""
+    src = _make(tmp_path / "src.qcow2", ["-o", "preallocation=metadata,cluster_size=4k"], [], "4M")
+    for i in range(512):
+        wr64(src, l2_pos(src, 1, i), rd64(src, l2_pos(src, 1, i)) & NOT_COPIED)
+    q, m = twin_copies(src, tmp_path)
+    _same(["check", *(["-r", repair] if repair else []), "x.qcow2"], q.parent, m.parent)
+    assert m.read_bytes() == q.read_bytes()

@@ -38,7 +38,7 @@ from qimg.formats.qcow2.header import (
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
 )
-from qimg.formats.qcow2.scan import read_tables
+from qimg.formats.qcow2.scan import read_tables, uniform_rows
 from qimg.protocols.file import keep_freed_buffers
 
 if TYPE_CHECKING:
@@ -908,6 +908,8 @@ class Qcow2Checker:
             return False
         cs, n = self.cs, self.l2_entries
         suspicious = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF)
+        if self._contiguous_tables(p, res, e, l2off, base, frag, suspicious):
+            return True
         flat_e = e.ravel()
         offs = flat_e & _U64(suspicious)
         if offs.any():
@@ -957,6 +959,36 @@ class Qcow2Checker:
             local = flat.astype(np.int32) if rows * (n + 1) < 1 << 31 else flat
             p.ref_slots.append(lambda base=base, local=local, n=n:
                                base + local.astype(np.int64) + local // n + 1)
+        return True
+
+    def _contiguous_tables(self, p: _Pass, res: CheckResult, e: np.ndarray, l2off: np.ndarray, base: int,
+                           frag: bool, suspicious: int) -> bool:
+        """_plain_tables for a batch whose every table maps consecutive host
+        clusters with one set of flags (as preallocation lays them out):
+        everything follows from each table's first entry."""
+        if not uniform_rows(e, self.cluster_bits).all():
+            return False
+        first = e[:, 0]
+        if ((first & _U64(suspicious)) != 0).any() or not first.all():
+            return False  # flags to report, or tables of zeroes: the general path
+        cs, n = self.cs, self.l2_entries
+        starts = (first & _U64(L2E_OFFSET_MASK)) >> _U64(self.cluster_bits)
+        if (int(starts.max()) + n - 1) << self.cluster_bits >= p.file_len:
+            return False
+        rows = len(l2off)
+        used = rows * n
+        if frag:
+            res.allocated_clusters = (res.allocated_clusters or 0) + used
+            res.compressed_clusters = res.compressed_clusters or 0
+            res.fragmented_clusters = res.fragmented_clusters or 0  # none within a table
+            if p.active_copied:
+                p.active_copied = bool((first >= _U64(OFLAG_COPIED)).all())
+        table_slots = base + np.arange(rows, dtype=np.int64) * (n + 1)
+        self._inc_many(p, res, table_slots, l2off, np.full(rows, cs, dtype=np.int64), np.ones(rows, dtype=bool))
+        starts = starts.astype(np.int64)
+        p.refs.append(_Runs(starts, starts + n))
+        p.ref_slots.append(lambda base=base, used=used, n=n:
+                           base + np.arange(used, dtype=np.int64) + np.arange(used, dtype=np.int64) // n + 1)
         return True
 
     def _fragmented(self, counted: np.ndarray, offs: np.ndarray) -> int:

@@ -172,34 +172,13 @@ def block_status_runs(driver: object, offset: int, length: int) -> Iterator[Exte
     per_batch = max(1, BATCH_BYTES >> cb)
     for b in range(0, len(l1_index), per_batch):
         rows = l1_index[b:b + per_batch]
-        entries = read_tables(file, offsets[b:b + per_batch], cs).ravel()
-        kinds = _kinds(entries)
-        hosts = entries & _U64(L2E_OFFSET_MASK)
-        del entries
-        # a run breaks where the type changes, where a host cluster does not
-        # follow the one before, and between tables that are not neighbours
-        brk = kinds[1:] != kinds[:-1]
-        step = hosts[1:] - hosts[:-1]
-        brk |= (step != _U64(cs)) & (kinds[1:] & 1).view(bool)
-        del step
-        row_starts = np.arange(1, len(rows)) * n
-        brk[row_starts - 1] |= np.diff(np.asarray(rows, dtype=np.int64)) != 1
-        starts = np.concatenate([[0], np.flatnonzero(brk) + 1]).tolist()
-        del brk
-        run_kinds = kinds[starts].tolist()
-        run_hosts = hosts[starts].tolist()
-        del kinds, hosts
-        starts.append(len(rows) * n)
-        for r in range(len(run_kinds)):
-            s, e = starts[r], starts[r + 1]
-            row = s >> l2_bits
-            first = (rows[row] << l2_bits) + (s & (n - 1))
-            count = e - s
+        tables = read_tables(file, offsets[b:b + per_batch], cs)
+        for kind, first, count, host in _batch_runs(rows, tables, cb):
             if first + count <= first_cluster or first > last_cluster:
                 continue
             if first > cluster:
                 yield from runs.add(UNALLOCATED, cluster, first - cluster, 0)
-            yield from runs.add(run_kinds[r], first, count, run_hosts[r])
+            yield from runs.add(kind, first, count, host)
             cluster = first + count
     if stop is not None:
         gap_end = min(stop << l2_bits, last_cluster + 1)
@@ -211,3 +190,86 @@ def block_status_runs(driver: object, offset: int, length: int) -> Iterator[Exte
         yield runs.extent()
     if stop is not None:
         yield min(end, (stop + 1) << (l2_bits + cb))
+
+
+def _batch_runs(rows: list[int], tables: np.ndarray, cb: int) -> list[tuple[int, int, int, int]]:
+    """(type, first cluster, clusters, host offset) of the runs of a batch
+    of tables (L1 indexes ``rows``), in order; neighbours may continue each
+    other (the caller merges).  Tables that are one run (all unallocated,
+    or one stretch of consecutive host clusters, as preallocation lays them
+    out) cost two passes; the others are classified entry by entry."""
+    l2_bits = cb - 3
+    n = 1 << l2_bits
+    one_run = uniform_rows(tables, cb)
+    firsts = tables[:, 0].tolist()
+    out: list[tuple[int, int, int, int]] = []
+    r = 0
+    while r < len(rows):
+        if one_run[r]:
+            e = firsts[r]
+            kind = (COMPRESSED if e & OFLAG_COMPRESSED else
+                    (1 if e & L2E_OFFSET_MASK else 0) | (2 if e & OFLAG_ZERO else 0))
+            out.append((kind, rows[r] << l2_bits, n, e & L2E_OFFSET_MASK))
+            r += 1
+            continue
+        q = r
+        while q < len(rows) and not one_run[q]:
+            q += 1
+        out += _entry_runs(rows[r:q], tables[r:q].ravel(), cb)
+        r = q
+    return out
+
+
+def uniform_rows(tables: np.ndarray, cb: int) -> np.ndarray:
+    """Per table: all its entries are zero, or it maps consecutive host
+    clusters with the same flags (entry i == entry 0 + i * cluster size,
+    with no carry out of the offset field, so every flag bit and every
+    offset bit below the cluster size is entry 0's)."""
+    n = tables.shape[1]
+    cs = 1 << cb
+    first = tables[:, 0]
+    offsets = first & _U64(L2E_OFFSET_MASK)
+    uniform = np.equal(tables[:, :1] + _ramp(n, cs), tables).all(axis=1)
+    uniform &= (offsets != 0) & (offsets + _U64((n - 1) * cs) <= _U64(L2E_OFFSET_MASK))
+    zero = first == 0
+    if zero.any():
+        rows = np.flatnonzero(zero)
+        uniform[rows] = ~tables[rows].any(axis=1)
+    return uniform
+
+
+_RAMPS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _ramp(n: int, step: int) -> np.ndarray:
+    ramp = _RAMPS.get((n, step))
+    if ramp is None:
+        ramp = _RAMPS[(n, step)] = np.arange(n, dtype=_U64) * _U64(step)
+    return ramp
+
+
+def _entry_runs(rows: list[int], entries: np.ndarray, cb: int) -> list[tuple[int, int, int, int]]:
+    """The runs of these tables, entry by entry (vectorized)."""
+    cs = 1 << cb
+    l2_bits = cb - 3
+    n = 1 << l2_bits
+    kinds = _kinds(entries)
+    hosts = entries & _U64(L2E_OFFSET_MASK)
+    # a run breaks where the type changes, where a host cluster does not
+    # follow the one before, and between tables that are not neighbours
+    brk = kinds[1:] != kinds[:-1]
+    step = hosts[1:] - hosts[:-1]
+    brk |= (step != _U64(cs)) & (kinds[1:] & 1).view(bool)
+    del step
+    row_starts = np.arange(1, len(rows)) * n
+    brk[row_starts - 1] |= np.diff(np.asarray(rows, dtype=np.int64)) != 1
+    starts = np.concatenate([[0], np.flatnonzero(brk) + 1]).tolist()
+    del brk
+    run_kinds = kinds[starts].tolist()
+    run_hosts = hosts[starts].tolist()
+    starts.append(len(rows) * n)
+    out = []
+    for r in range(len(run_kinds)):
+        s, e = starts[r], starts[r + 1]
+        out.append((run_kinds[r], (rows[s >> l2_bits] << l2_bits) + (s & (n - 1)), e - s, run_hosts[r]))
+    return out
