@@ -96,6 +96,8 @@ def assert_same_image(theirs: Path, mine: Path, fmt: str) -> None:
     ["bs=abc", "if=in.raw", "of=o.raw"],
     ["bs=2G", "if=in.raw", "of=o.raw"],
     ["bs=1k=2", "if=in.raw", "of=o.raw"],
+    ["bs=1e3", "if=in.raw", "of=o.raw"],
+    ["bs=1.5", "if=in.raw", "of=o.raw"],
     ["count=-1", "if=in.raw", "of=o.raw"],
     ["count=9223372036854775808", "if=in.raw", "of=o.raw"],
     ["skip=x", "if=in.raw", "of=o.raw"],
@@ -166,6 +168,9 @@ def test_help(inputs: Path) -> None:
     ["bs=1k", "count=9223372036854775807"],
     ["count=0"],
     ["bs=3M"],
+    ["bs=0x200", "skip=0x10"],
+    ["bs=0.5k", "count=1.5k"],
+    ["bs=+512b", "count=100"],
 ])
 def test_raw_copies(inputs: Path, operands: list[str]) -> None:
     q, m = run_both(inputs, "dd", *operands, "if=in.raw", "of=o.raw")
