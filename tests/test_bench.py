@@ -68,7 +68,8 @@ OPTION_CASES = [
     ["-c", "1", "a", "b"], [], ["-c", "1", "nonexist.img"], ["-x", "r.img"], ["-c"], ["--flush", "r.img"],
     ["--object", "secret,id=s,data=x", "r.img"], ["-q", "-c", "10", "r.img"], ["--force-share", "-c", "1", "q.qcow2"],
     ["-U", "-w", "-c", "1", "nonexist.img"], ["-f", "foo", "r.img"], ["-c", "1", "--", "r.img"],
-    ["--image-opts", "-f", "raw", "driver=raw,file.filename=r.img"], ["-c", "100", "-S", "8k", "q.qcow2"],
+    ["--image-opts", "-f", "raw", "driver=raw,file.filename=r.img"], ["--image-opts", "driver=qcow2"],
+    ["--image-opts", "foo=bar"], ["--image-opts", "-c", "1", "file.driver=file"], ["-c", "100", "-S", "8k", "q.qcow2"],
 ]
 
 
