@@ -216,3 +216,24 @@ def test_convert_like_qemu_img(tmp_path):
     # and back: an extended-L2 source converts to the same raw image
     assert run_qimg("convert", "-O", "raw", str(q), str(tmp_path / "back.raw")).returncode == 0
     assert (tmp_path / "back.raw").read_bytes() == bytes(src)
+
+
+# ---- corrupt bitmaps ----------------------------------------------------------------------
+@pytest.mark.parametrize("index,bitmap", [(0, 0x1_00000003),  # allocated and zero at once
+                                          (1, 0x3),           # allocated in an unallocated cluster
+                                          (2, 0x5)])          # a compressed cluster with a bitmap
+def test_corrupt_bitmaps_like_qemu_img(tmp_path, index, bitmap):
+    p = tmp_path / "i.qcow2"
+    _qemu_ok("create", "-q", "-f", "qcow2", "-o", EXTL2, str(p), "1M")
+    run_qemu_io("-c", "write -P 1 0 64k", "-c", "write -c -P 2 128k 64k", str(p))
+    data = bytearray(p.read_bytes())
+    l1 = int.from_bytes(data[40:48], "big")
+    l2 = int.from_bytes(data[l1:l1 + 8], "big") & 0x00FFFFFFFFFFFE00
+    data[l2 + 16 * index + 8:l2 + 16 * index + 16] = bitmap.to_bytes(8, "big")
+    p.write_bytes(bytes(data))
+    for args in (["check"], ["map", "--output=json"], ["convert", "-O", "raw", str(p), str(tmp_path / "o.raw")],
+                 ["compare", str(p), str(p)]):
+        if args[0] in ("check", "map"):
+            args = args + [str(p)]
+        mine, theirs = run_qimg(*args), run_qemu(*args)
+        assert (mine.returncode, mine.stdout, mine.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr), args

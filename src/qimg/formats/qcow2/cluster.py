@@ -207,7 +207,9 @@ class ClusterMap:
         of the longest run of subclusters from ``sc_index`` (at most
         ``count``) with one type, contiguous on the host where they have a
         host cluster (count_contiguous_subclusters).  A compressed cluster
-        comes alone; the run stops at the end of the L2 table."""
+        comes alone; the run stops at the end of the L2 table.  For a
+        corrupt entry met on the way (as QEMU meets it: the first, or the
+        next one a run goes on into) it is (INVALID, 1, its cluster index)."""
         ci, sc = sc_index >> 5, sc_index & 31
         gap = self._unmapped_clusters(ci, -(-(sc + count) // SUBCLUSTERS))
         if gap:
@@ -218,7 +220,7 @@ class ClusterMap:
         first = int(ents[0])
         kind = int(kinds[0, sc])
         if kind == INVALID:
-            return INVALID, 1, first
+            return INVALID, 1, ci
         if kind == COMPRESSED:
             return kind, min(count, SUBCLUSTERS - sc), first
         flat = kinds.ravel()[sc:sc + count]
@@ -231,7 +233,13 @@ class ClusterMap:
             ok = np.repeat(hosts == expect, SUBCLUSTERS)[sc:sc + count]
             same &= ok
         bad = np.flatnonzero(~same)
-        return kind, int(bad[0]) if len(bad) else len(flat), first
+        n = int(bad[0]) if len(bad) else len(flat)
+        # count_contiguous_subclusters looks at the next entry whenever a run
+        # fills its cluster, and fails there if that entry is corrupt
+        nxt = (sc + n) >> 5
+        if not (sc + n) & 31 and nxt < len(ents) and kinds[nxt, 0] == INVALID:
+            return INVALID, 1, ci + nxt
+        return kind, n, first
 
     def run(self, cluster_index: int, count: int) -> tuple[int, int, int]:
         """(type, n, first entry) of the longest run of clusters from

@@ -365,7 +365,7 @@ class Qcow2Driver(Driver):
             if kind == C.INVALID:
                 from qimg.formats.qcow2.io import invalid_entry
 
-                invalid_entry(self, offset)
+                invalid_entry(self, first << self.cluster_bits)
         else:
             kind, n, first = m.run(ci, last - ci + 1)
         run = min(offset + length, (ci + n) << cb) - offset

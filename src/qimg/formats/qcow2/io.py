@@ -804,15 +804,18 @@ def _punch_free(d: "Qcow2Driver", ranges: list[tuple[int, int]]) -> None:
 
 def invalid_entry(d: "Qcow2Driver", offset: int) -> None:
     """A contradictory subcluster bitmap (QEMU's QCOW2_SUBCLUSTER_INVALID):
-    the image is corrupt; refuse the request."""
+    the image is corrupt; the request fails with EIO (an OSError)."""
     m = d.map
     ci = offset >> d.cluster_bits
     l2_off = m.l2_offset(ci >> m.l2_bits)
     import sys
 
     h = d.header
+    index = ci & (m.l2_size - 1)
+    # printf's %#x: no prefix for zero
     what = (f"Invalid cluster entry found  (L2 offset: {l2_off:#x}, "
-            f"L2 index: {ci & (m.l2_size - 1):#x})")
+            f"L2 index: {index:#x})" if index else
+            f"Invalid cluster entry found  (L2 offset: {l2_off:#x}, L2 index: 0)")
     if d.read_only:
         sys.stderr.write(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events "
                          f"will be suppressed\n")
@@ -820,7 +823,11 @@ def invalid_entry(d: "Qcow2Driver", offset: int) -> None:
         d._write_incompat(h.incompatible_features | 2)
         sys.stderr.write(f"qcow2: Marking image as corrupt: {what}; further corruption events "
                          f"will be suppressed\n")
-    raise QimgError("Input/output error")
+    # an I/O error, so that each command words it as qemu-img does
+    # ("Could not read file metadata: ...", "error while reading ...")
+    import errno
+
+    raise OSError(errno.EIO, "Input/output error")
 
 
 def _read_ext(d: "Qcow2Driver", offset: int, length: int, through: bool) -> bytes:
@@ -848,7 +855,7 @@ def _read_ext(d: "Qcow2Driver", offset: int, length: int, through: bool) -> byte
             if avail:
                 dst[:avail] = d.backing.read(pos, avail)
         elif kind == INVALID:
-            invalid_entry(d, pos)
+            invalid_entry(d, first << cb)
         pos = run_end
     return bytes(out)
 
