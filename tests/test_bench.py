@@ -268,3 +268,14 @@ def test_sequential_requests_merge_into_big_writes():
     sizes = [(e[1], len(e[2])) for e in img.log]
     assert sizes == [(0, 1 << 20)] * 3 + [(0, (1000 - 768) * 4096)]
     assert all(set(e[2]) == {0x5A} for e in img.log)
+
+
+def test_writethrough_flushes_every_write():
+    """-t writethrough/directsync: each write is followed by a flush (qemu's
+    BlockBackend flushes after every write in write-through mode)."""
+    from qimg.ops.bench import BenchSpec, run_bench
+
+    img = _Recorder(1 << 20)
+    run_bench(img, BenchSpec(count=3, write=True, step=8192, writethrough=True))
+    assert [e[0] for e in img.log] == ["w", "f", "w", "f", "w", "f"]
+    assert [e[1] for e in img.log if e[0] == "w"] == [0, 8192, 16384]
