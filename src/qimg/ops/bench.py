@@ -12,9 +12,10 @@ except in the first burst: qemu first checks once ``depth`` requests are
 out, so a multiple passed by then is not flushed at.
 
 How they are sent is ours: one after another, but back-to-back requests
-(step == bufsize, no wrap, no flush between) are merged into big I/Os, so a
-sequential run costs a few Python calls per megabyte, not one per request.
-The bytes moved, and a write's result, are the same as qemu's; the queue
+(step == bufsize, no wrap, no flush between, no write-through) are merged
+into big I/Os, so a sequential run costs a few Python calls per megabyte,
+not one per request.  The bytes moved, the flushes sent, and a write's
+result are the same as qemu's; the queue
 depth only shapes the header (and, in qemu, how many requests after a failed
 one may still have been sent: here none, as qemu with depth 1).  Memory is
 bounded by MAX_IO, whatever the buffer size and depth (qemu allocates
@@ -100,7 +101,8 @@ def run_bench(img: "Image", spec: BenchSpec) -> float:
         if spec.count and spec.offset > size:
             raise QimgError(f"Failed request: {EIO}")
         return 0.0
-    merge = bufsize > 0 and spec.step_size == bufsize
+    # write-through flushes after every request, so those are not merged
+    merge = bufsize > 0 and spec.step_size == bufsize and not (spec.write and spec.writethrough)
     pattern = bytes([spec.pattern]) * min(MAX_IO, bufsize * min(spec.count, BATCH)) if spec.write else b""
     done = 0
     start = time.monotonic()
