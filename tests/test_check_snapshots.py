@@ -78,6 +78,8 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "offset_unaligned": lambda p: _write(p, SNAPSHOT_OFFSET, struct.pack(">Q", _table(p)[1] + 8)),
     "offset_past_end": lambda p: _write(p, SNAPSHOT_OFFSET, struct.pack(">Q", 1 << 30)),
     "no_snapshots_offset_unaligned": lambda p: _write(p, SNAPSHOT_COUNT, struct.pack(">IQ", 0, _table(p)[1] + 8)),
+    "no_snapshots_offset_huge": lambda p: _write(p, SNAPSHOT_COUNT, struct.pack(">IQ", 0, 0xFFFFFFFFFFFF0000)),
+    "offset_huge": lambda p: _write(p, SNAPSHOT_OFFSET, struct.pack(">Q", 0x7FFFFFFFFFFF0000)),
     "l1_unaligned": lambda p: _write(p, _entries(p)[1], struct.pack(">Q", int.from_bytes(
         _read(p, _entries(p)[1], 8), "big") + 8)),
     "l1_too_large": _set_u32(lambda p: _entries(p)[0] + 8, (32 << 20) // 8 + 1),

@@ -606,8 +606,9 @@ class Qcow2Checker:
     def _read_snapshot_table(self, res: CheckResult) -> None:
         """The snapshot table's entries and size, read (and with -r all
         repaired) as qcow2_check_read_snapshot_table (check_snapshots.py)."""
-        if not self.header.nb_snapshots and not self.snapshots_offset & (self.cs - 1):
-            return
+        offset = self.snapshots_offset
+        if not self.header.nb_snapshots and not offset & (self.cs - 1) and offset <= (1 << 63) - 1:
+            return  # nothing to read, and nothing qcow2_validate_table refuses
         from qimg.formats.qcow2 import check_snapshots
 
         self.snap_entries = check_snapshots.check_read(self, res, bool(self.fix & FIX_ERRORS))
