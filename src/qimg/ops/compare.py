@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from qimg.block.image import Image, open_image
-from qimg.block.status import ALLOCATED, ZERO
+from qimg.block.status import ALLOCATED, COMPRESSED, ZERO
 from qimg.errors import QimgError
 from qimg.ops.copy import SECTOR, block_status_above
 from qimg.ops.progress import FloatAccumulator
@@ -159,6 +159,39 @@ def compare_images(
 AHEAD = 2
 
 
+class _KnownStatus:
+    """img_compare asks for the block status of the whole rest of each
+    image at every chunk, and most chunks are a 2 MiB piece of a long run.
+    raw and qcow2 (without backing file) end a run where its content ends,
+    whatever offset inside it is asked about: the run found last answers
+    for the rest of it, without a new look at the cluster map."""
+
+    def __init__(self, img: Image) -> None:
+        self.img = img
+        self.reuse = img.backing is None and img.format in ("raw", "qcow2")
+        self.start = self.end = 0
+        self.flags = 0
+        # QEMU's qcow2 answers for one L2 table's clusters at most, and for
+        # one compressed cluster at a time: the chunks (and so the progress
+        # steps) end there
+        self.cluster = self.table = 0
+        if img.format == "qcow2":
+            self.cluster = img.driver.cluster_size
+            entry = 16 if getattr(img.driver.header, "extended_l2", False) else 8
+            self.table = self.cluster * (self.cluster // entry)
+
+    def status(self, offset: int, length: int, name: str) -> tuple[int, int]:
+        if self.reuse and self.start <= offset < self.end:
+            flags, pnum = self.flags, self.end - offset
+        else:
+            flags, pnum = _status(self.img, offset, length, name)
+            self.start, self.end, self.flags = offset, offset + pnum, flags
+        if self.table:
+            unit = self.cluster if flags & COMPRESSED else self.table
+            pnum = min(pnum, unit - offset % unit)
+        return flags, pnum
+
+
 def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: bool,
           locks: tuple[threading.Lock, threading.Lock]) -> Iterator[tuple[str, int, int, QimgError | None]]:
     """img_compare's walk over the common part: (what to do, offset, length,
@@ -167,13 +200,14 @@ def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: 
     "strict" (a block status mismatch) or "error" (a block status failed;
     reported when the walk gets there, after the chunks before it)."""
     size1, size2 = img1.size, img2.size
+    known1, known2 = _KnownStatus(img1), _KnownStatus(img2)
     offset = 0
     while offset < total:
         try:
             with locks[0]:
-                status1, pnum1 = _status(img1, offset, size1 - offset, name1)
+                status1, pnum1 = known1.status(offset, size1 - offset, name1)
             with locks[1]:
-                status2, pnum2 = _status(img2, offset, size2 - offset, name2)
+                status2, pnum2 = known2.status(offset, size2 - offset, name2)
         except QimgError as e:
             yield "error", offset, 0, e
             return
