@@ -211,72 +211,62 @@ class ClusterMap:
         corrupt entry met on the way (as QEMU meets it: the first, or the
         next one a run goes on into) it is (INVALID, 1, its cluster index)."""
         ci, sc = sc_index >> 5, sc_index & 31
-        gap = self._unmapped_clusters(ci, -(-(sc + count) // SUBCLUSTERS))
+        nclusters = -(-(sc + count) // SUBCLUSTERS)
+        gap = self._unmapped_clusters(ci, nclusters)
         if gap:
             return UNALLOCATED, min(count, gap * SUBCLUSTERS - sc), 0
-        nclusters = -(-(sc + count) // SUBCLUSTERS)
         ents = self.entries(ci, nclusters)
-        kinds = classify_sub(ents, self.bitmaps(ci, len(ents)), self.data_file)
+        bms = self.bitmaps(ci, len(ents))
+        limit = min(count, len(ents) * SUBCLUSTERS - sc)
+        row = classify_sub(ents[:1], bms[:1], self.data_file)[0]
         first = int(ents[0])
-        kind = int(kinds[0, sc])
+        kind = int(row[sc])
         if kind == INVALID:
             return INVALID, 1, ci
         if kind == COMPRESSED:
-            return kind, min(count, SUBCLUSTERS - sc), first
-        flat = kinds.ravel()[sc:sc + count]
-        same = flat == kind
-        if kind in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC):
-            # whole clusters after the first must continue the host run
-            hosts = ents & np.uint64(L2E_OFFSET_MASK)
-            expect = np.uint64(first & L2E_OFFSET_MASK) + \
-                np.arange(len(ents), dtype=np.uint64) * np.uint64(self.cluster_size)
-            ok = np.repeat(hosts == expect, SUBCLUSTERS)[sc:sc + count]
-            same &= ok
-        bad = np.flatnonzero(~same)
-        n = int(bad[0]) if len(bad) else len(flat)
-        # count_contiguous_subclusters looks at the next entry whenever a run
-        # fills its cluster, and fails there if that entry is corrupt
-        nxt = (sc + n) >> 5
-        if not (sc + n) & 31 and nxt < len(ents) and kinds[nxt, 0] == INVALID:
-            return INVALID, 1, ci + nxt
-        return kind, n, first
-
-    def run(self, cluster_index: int, count: int) -> tuple[int, int, int]:
-        """(type, n, first entry) of the longest run of clusters from
-        ``cluster_index`` (at most ``count``) that share one type and, for
-        clusters with a host offset, are contiguous on the host.
-        Compressed clusters are merged by type only."""
-        first: int | None = None
-        kind = -1
-        n = 0
-        cs = self.cluster_size
-        while n < count:
-            if kind in (-1, UNALLOCATED):
-                gap = self._unmapped_clusters(cluster_index + n, count - n)
-                if gap:
-                    # L1 entries without an L2 table: unallocated in one step,
-                    # so a sparse petabyte image is not walked table by table.
-                    first, kind = (0, UNALLOCATED) if first is None else (first, kind)
-                    n += gap
-                    continue
-            ents = self.entries(cluster_index + n, count - n)
-            kinds = classify(ents, self.data_file)
-            if first is None:
-                first = int(ents[0])
-                kind = int(kinds[0])
-            same = kinds == kind
-            if kind in (NORMAL, ZERO_ALLOC):
-                base = (first & L2E_OFFSET_MASK) + n * cs
-                hosts = ents & np.uint64(L2E_OFFSET_MASK)
-                expect = np.uint64(base) + np.arange(len(ents), dtype=np.uint64) * np.uint64(cs)
-                same &= hosts == expect
-            bad = np.flatnonzero(~same)
-            if len(bad):
-                n += int(bad[0])
-                break
-            n += len(ents)
-        assert first is not None
-        return kind, n, first
+            return kind, min(limit, SUBCLUSTERS - sc), first
+        other = np.flatnonzero(row[sc:] != kind)
+        if len(other):
+            return kind, min(limit, int(other[0])), first
+        n = SUBCLUSTERS - sc
+        # Whole clusters of the same kind go on the run (host-contiguous
+        # where they have a host cluster), looked at in growing windows so
+        # that the work follows the run's length, not the table's.
+        bitmap = {NORMAL: ALL_ALLOC, ZERO_ALLOC: ALL_ZEROES, ZERO_PLAIN: ALL_ZEROES}.get(kind, 0)
+        hosted = kind in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC)
+        off_mask = np.uint64(L2E_OFFSET_MASK | QCOW_OFLAG_COPIED if self.data_file else L2E_OFFSET_MASK)
+        base = np.uint64(first & L2E_OFFSET_MASK)
+        k, width = 1, 8
+        while k < len(ents) and n < limit:
+            e, b = ents[k:k + width], bms[k:k + width]
+            ok = (b == np.uint64(bitmap)) & ((e & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0)
+            if hosted:
+                ok &= (e & np.uint64(L2E_OFFSET_MASK)) == \
+                    base + np.arange(k, k + len(e), dtype=np.uint64) * np.uint64(self.cluster_size)
+                ok &= (e & off_mask) != 0
+            else:
+                ok &= (e & off_mask) == 0
+            bad = np.flatnonzero(~ok)
+            if not len(bad):
+                n += len(e) * SUBCLUSTERS
+                k += len(e)
+                width *= 2
+                continue
+            j = k + int(bad[0])
+            n += (j - k) * SUBCLUSTERS
+            # count_contiguous_subclusters reads the entry the run goes on
+            # into: a corrupt one fails the request, a matching one may add
+            # its leading subclusters
+            rowj = classify_sub(ents[j:j + 1], bms[j:j + 1], self.data_file)[0]
+            if rowj[0] == INVALID:
+                return INVALID, 1, ci + j
+            same_host = not hosted or (int(ents[j]) & L2E_OFFSET_MASK) == \
+                (first & L2E_OFFSET_MASK) + j * self.cluster_size
+            if same_host:
+                lead = np.flatnonzero(rowj != kind)
+                n += int(lead[0]) if len(lead) else SUBCLUSTERS
+            break
+        return kind, min(n, limit), first
 
     def _unmapped_clusters(self, cluster_index: int, count: int) -> int:
         """How many clusters from ``cluster_index`` (at most ``count``) lie
