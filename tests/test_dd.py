@@ -337,3 +337,13 @@ def test_output_in_use_by_input(inputs: Path, args: list[str]) -> None:
         # (qcow2 written over its own raw input copies its growing self: the
         # bytes depend on qemu-img's request sizes; only the outcome is checked)
         assert (m / out).read_bytes() == (q / out).read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "parallels", "vdi", "qed"])
+def test_output_too_large(inputs: Path, fmt: str) -> None:
+    """An 8 PiB input: the output format refuses the size with the driver's
+    own error (not qemu-img create's rewording of -EFBIG)."""
+    assert run_qemu("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", "huge.qcow2", "8P",
+                    cwd=str(inputs)).returncode == 0
+    q, m = run_both(inputs, "dd", "-O", fmt, "bs=1G", "count=8M", "if=huge.qcow2", f"of=o.{fmt}")
+    assert sorted(p.name for p in m.iterdir()) == sorted(p.name for p in q.iterdir())

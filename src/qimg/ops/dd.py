@@ -60,6 +60,14 @@ _NO_CREATE = frozenset((
     "quorum", "replication", "snapshot-access", "throttle", "vvfat",
 ))
 
+#: the errors behind qemu-img create's "image size is too large" (-EFBIG)
+_CREATE_EFBIG = "The image size is too large for file format '"
+_EFBIG = {
+    _CREATE_EFBIG + "raw'": "Could not resize file: File too large",
+    _CREATE_EFBIG + "qcow2' (try using a larger cluster size)":
+        "Could not resize image: Failed to grow the L1 table: File too large",
+}
+
 #: opens an image for the command: (name, fmt, read_only=..., ...) -> Image
 Opener = Callable[..., Image]
 
@@ -201,7 +209,9 @@ def _create(fmt: str, output: str, path: str, size: int) -> None:
     try:
         create(path, fmt, size)
     except QimgError as e:
-        raise QimgError(f"{output}: error while creating output image: {e.message}", e.code) from None
+        # qemu-img create words -EFBIG its own way; dd shows the driver's error
+        message = _EFBIG.get(e.message, e.message) if e.message.startswith(_CREATE_EFBIG) else e.message
+        raise QimgError(f"{output}: error while creating output image: {message}", e.code) from None
 
 
 def _open_output(output: str, path: str, fmt: str) -> Image:
