@@ -268,6 +268,43 @@ class ClusterMap:
             break
         return kind, min(n, limit), first
 
+    def run(self, cluster_index: int, count: int) -> tuple[int, int, int]:
+        """(type, n, first entry) of the longest run of clusters from
+        ``cluster_index`` (at most ``count``) that share one type and, for
+        clusters with a host offset, are contiguous on the host.
+        Compressed clusters are merged by type only."""
+        first: int | None = None
+        kind = -1
+        n = 0
+        cs = self.cluster_size
+        while n < count:
+            if kind in (-1, UNALLOCATED):
+                gap = self._unmapped_clusters(cluster_index + n, count - n)
+                if gap:
+                    # L1 entries without an L2 table: unallocated in one step,
+                    # so a sparse petabyte image is not walked table by table.
+                    first, kind = (0, UNALLOCATED) if first is None else (first, kind)
+                    n += gap
+                    continue
+            ents = self.entries(cluster_index + n, count - n)
+            kinds = classify(ents, self.data_file)
+            if first is None:
+                first = int(ents[0])
+                kind = int(kinds[0])
+            same = kinds == kind
+            if kind in (NORMAL, ZERO_ALLOC):
+                base = (first & L2E_OFFSET_MASK) + n * cs
+                hosts = ents & np.uint64(L2E_OFFSET_MASK)
+                expect = np.uint64(base) + np.arange(len(ents), dtype=np.uint64) * np.uint64(cs)
+                same &= hosts == expect
+            bad = np.flatnonzero(~same)
+            if len(bad):
+                n += int(bad[0])
+                break
+            n += len(ents)
+        assert first is not None
+        return kind, n, first
+
     def _unmapped_clusters(self, cluster_index: int, count: int) -> int:
         """How many clusters from ``cluster_index`` (at most ``count``) lie
         under L1 entries that have no L2 table; 0 if the first one has one."""
