@@ -14,12 +14,13 @@ LONG = ["help", "object=", "image-opts", "force-share"]
 OPERANDS = ("bs", "count", "if", "of", "skip")
 
 
-def _operands(operands: list[str]) -> dict[str, str | int]:
+def _operands(operands: list[str]) -> tuple[dict[str, str], dict[str, int]]:
     """The operands as img_dd reads them: split at the first '=', each
-    value checked as soon as it is seen."""
+    value checked as soon as it is seen.  Returns (file names, numbers)."""
     from qimg.ops.dd import MAX_BS
 
-    found: dict[str, str | int] = {}
+    names: dict[str, str] = {}
+    numbers: dict[str, int] = {}
     for arg in operands:
         name, eq, value = arg.partition("=")
         if not eq:
@@ -27,12 +28,12 @@ def _operands(operands: list[str]) -> dict[str, str | int]:
         if name not in OPERANDS:
             raise QimgError(f"unrecognized operand {name}")
         if name == "bs":
-            found[name] = cvtnum("bs", value, 1, MAX_BS)
+            numbers[name] = cvtnum("bs", value, 1, MAX_BS)
         elif name in ("count", "skip"):
-            found[name] = cvtnum(name, value)
+            numbers[name] = cvtnum(name, value)
         else:
-            found[name] = value
-    return found
+            names[name] = value
+    return names, numbers
 
 
 def run(prog: str, argv: list[str]) -> int:
@@ -44,8 +45,8 @@ def run(prog: str, argv: list[str]) -> int:
             continue
         if opt == "-O":
             out_fmt = val
-    found = _operands(operands)
-    if "if" not in found or "of" not in found:
+    names, numbers = _operands(operands)
+    if "if" not in names or "of" not in names:
         raise QimgError("Must specify both input and output files")
 
     def open_input(name: str, fmt: str | None, **_: object):
@@ -60,10 +61,8 @@ def run(prog: str, argv: list[str]) -> int:
     from qimg.ops.dd import dd
 
     dd(
-        str(found["if"]), str(found["of"]), fmt=shared.fmt, out_format=out_fmt,
-        bs=int(found.get("bs", 512)),
-        count=found.get("count"),  # type: ignore[arg-type]
-        skip=found.get("skip"),  # type: ignore[arg-type]
-        force_share=shared.force_share, opener=open_input, warn=warn,
+        names["if"], names["of"], fmt=shared.fmt, out_format=out_fmt, bs=numbers.get("bs", 512),
+        count=numbers.get("count"), skip=numbers.get("skip"), force_share=shared.force_share,
+        opener=open_input, warn=warn,
     )
     return 0
