@@ -157,6 +157,8 @@ class CopyJob:
         self.pending_warnings: dict[int, list[str]] = {}
         self.src_sectors = [-(-img.size // SECTOR) for img in self.sources]
         self.src_alignment = [max(1, (img.driver.cluster_size or 0) // SECTOR) for img in self.sources]
+        #: bytes of guest data one qcow2 L2 table maps (0: not qcow2)
+        self.src_table = [_l2_coverage(img) for img in self.sources]
 
     @property
     def total_sectors(self) -> int:
@@ -166,6 +168,14 @@ class CopyJob:
     def alignment(self) -> int:
         """Zero detection's grid: pow2floor(min_sparse) sectors."""
         return 1 << (max(self.min_sparse, 1).bit_length() - 1)
+
+
+def _l2_coverage(img: Image) -> int:
+    if img.format != "qcow2":
+        return 0
+    cluster = img.driver.cluster_size
+    entry = 16 if getattr(img.driver.header, "extended_l2", False) else 8
+    return cluster * (cluster // entry)
 
 
 def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
@@ -207,6 +217,11 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
                 raise QimgError(f"error while reading block status at offset {sector * SECTOR}: "
                                 f"{e.strerror}") from None
             status_sector, status_host, status_z = sector, host, ztop
+            table = job.src_table[src]
+            if table and flags & DATA and not flags & ZERO:
+                # QEMU's qcow2 answers for one L2 table's clusters at most:
+                # its data requests (and zero detection's buffer ends) stop there
+                count = min(count, table - offset % table)
             if count <= 0:
                 # the rounded-up tail sector past the source's end reads as zeroes
                 flags, count = ZERO, n * SECTOR
