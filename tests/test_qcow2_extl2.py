@@ -237,3 +237,66 @@ def test_corrupt_bitmaps_like_qemu_img(tmp_path, index, bitmap):
             args = args + [str(p)]
         mine, theirs = run_qimg(*args), run_qemu(*args)
         assert (mine.returncode, mine.stdout, mine.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr), args
+
+
+def test_writes_to_clusters_shared_with_a_snapshot(tmp_path):
+    """Writes into clusters a snapshot shares (new host clusters, copy-on-write
+    from the first allocated subcluster on, compressed ones copied whole)
+    leave the file qemu-io leaves."""
+    q, m = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
+    _qemu_ok("create", "-q", "-f", "qcow2", "-o", EXTL2, str(q), "1M")
+    run_qemu_io("-c", "write -P 1 4k 8k", "-c", "write -P 2 64k 64k", "-c", "write -z 130k 4k",
+                "-c", "write -P 3 200k 6k", "-c", "write -c -P 4 320k 64k", str(q))
+    _qemu_ok("snapshot", "-c", "s1", str(q))
+    m.write_bytes(q.read_bytes())
+    ops = [("w", 20000, 3000, 5), ("w", 70000, 100, 6), ("w", 131072 + 10000, 2000, 7),
+           ("w", (200 << 10) + 1000, 100, 8), ("z", (200 << 10) + 4096, 1024, 0), ("w", (320 << 10) + 5000, 10, 9),
+           ("Z", 64 << 10, 64 << 10, 0), ("d", 128 << 10, 64 << 10, 0)]
+    with open_image(str(m), "qcow2", read_only=False) as img:
+        cmds = _apply(img, ops)
+    run_qemu_io(*[x for c in cmds for x in ("-c", c)], str(q))
+    assert m.read_bytes() == q.read_bytes()
+    _same_map_and_check(m)
+
+
+@pytest.mark.parametrize("args", [["2M"], ["--shrink", "512k"], ["--preallocation=metadata", "3M"],
+                                  ["--preallocation=full", "3M"], ["--preallocation=falloc", "2304k"]])
+@pytest.mark.parametrize("backing", [False, True])
+def test_resize_like_qemu_img(tmp_path, args, backing):
+    """Growing (a backing file reaching past the old end makes QEMU allocate
+    every new subcluster) and shrinking leave the file qemu-img leaves."""
+    q, m = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
+    opts = EXTL2
+    if backing:
+        (tmp_path / "b.raw").write_bytes(b"\x07" * (3 << 20))
+        opts += ",backing_file=b.raw,backing_fmt=raw"
+    _qemu_ok("create", "-q", "-f", "qcow2", "-o", opts, str(q), "1000k")
+    run_qemu_io("-c", "write -P 1 0 100k", "-c", "write -z 200k 5k", "-c", "write -P 2 990k 2k",
+                "-c", "write -z 970k 2k", str(q))
+    m.write_bytes(q.read_bytes())
+    _qemu_ok("resize", "-q", str(q), *args)
+    assert run_qimg("resize", "-q", str(m), *args).returncode == 0
+    assert m.read_bytes() == q.read_bytes()
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "refcount_bits=4", "lazy_refcounts=on", "extended_l2=off"])
+def test_amend_like_qemu_img(tmp_path, opts):
+    q, m = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
+    _qemu_ok("create", "-q", "-f", "qcow2", "-o", EXTL2, str(q), "1M")
+    run_qemu_io("-c", "write -P 1 0 100k", "-c", "write -z 200k 5k", str(q))
+    m.write_bytes(q.read_bytes())
+    mine, theirs = run_qimg("amend", "-o", opts, str(m)), run_qemu("amend", "-o", opts, str(q))
+    assert (mine.returncode, mine.stdout, mine.stderr) == \
+        (theirs.returncode, theirs.stdout, theirs.stderr)
+    assert m.read_bytes() == q.read_bytes()
+
+
+def test_measure_like_qemu_img(tmp_path):
+    src = tmp_path / "s.qcow2"
+    _qemu_ok("create", "-q", "-f", "qcow2", "-o", EXTL2, str(src), "3M")
+    run_qemu_io("-c", "write -P 1 0 100k", "-c", "write -P 2 1M 3k", str(src))
+    for args in (["--size", "10G"], [str(src)]):
+        for opts in (EXTL2, f"{EXTL2},cluster_size=16k", f"{EXTL2},preallocation=full"):
+            cmd = ["measure", "-O", "qcow2", "-o", opts, *args]
+            mine, theirs = run_qimg(*cmd), run_qemu(*cmd)
+            assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout)

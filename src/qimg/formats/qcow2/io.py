@@ -120,6 +120,8 @@ def _cluster_content(d: "Qcow2Driver", ci: int) -> bytearray:
     """The guest content of cluster ``ci`` as a read through this layer
     and the backing chain returns it (the source of copy-on-write)."""
     cs = d.cluster_size
+    if d.map.extl2:
+        return bytearray(_guest_content(d, ci * cs, cs))
     if d.backing is None and not d.map.entries(ci, 1)[0]:
         return bytearray(cs)  # unallocated, nothing below
     kind, _, first = d.map.run(ci, 1)
@@ -628,6 +630,25 @@ def truncate(d: "Qcow2Driver", size: int, prealloc: str, shrink: bool) -> None:
     d.file.pwrite(24, struct.pack(">Q", size))
     if prealloc == "metadata":
         preallocate_metadata(d, old, size)
+    if prealloc in ("off", "metadata") and d.backing is not None and d.backing.size > old \
+            and d.header.version >= 3:
+        _zero_new_area(d, old, size)
+
+
+def _zero_new_area(d: "Qcow2Driver", old: int, size: int) -> None:
+    """The grown area must not show the backing file (bdrv_co_truncate's
+    BDRV_REQ_ZERO_WRITE when the backing file reaches past the old end):
+    zero clusters or subclusters from the first whole one, explicit zeroes
+    before it (qcow2_co_truncate)."""
+    granule = 1 << d.map.sc_bits
+    zero_start = -(-old // granule) * granule
+    if size > zero_start:
+        if d.map.extl2:
+            _zeroize_ext(d, zero_start, size - zero_start, False)
+        else:
+            _zeroize(d, zero_start, size - zero_start, False)
+    if zero_start > old:
+        write(d, old, memoryview(bytes(min(zero_start, size) - old)))
 
 
 def preallocate_data(d: "Qcow2Driver", old: int, size: int, prealloc: str) -> None:
@@ -645,7 +666,7 @@ def preallocate_data(d: "Qcow2Driver", old: int, size: int, prealloc: str) -> No
     first = old >> cb
     # (Even with no new data QEMU rebuilds the refcount structures.)
     nb_data = max(0, -(-size // cs) - first)
-    nb_l2 = -(-nb_data // (cs // 8)) + 1
+    nb_l2 = -(-nb_data // d.map.l2_size) + 1
     start = refs.refcount_area(old_file_size, nb_data + nb_l2, True, 0, 0)
     got = refs.alloc_at(start, nb_data)
     if got != nb_data:
@@ -656,6 +677,9 @@ def preallocate_data(d: "Qcow2Driver", old: int, size: int, prealloc: str) -> No
     if head_data:
         d.file.pwrite(start, head_data)
     l2_bits = d.map.l2_bits
+    # bdrv_co_truncate's BDRV_REQ_ZERO_WRITE: a backing file reaching past
+    # the old end
+    zero_write = d.map.extl2 and d.backing is not None and d.backing.size > old
     ci, host = first, start
     while ci < first + nb_data:
         i = ci & ((1 << l2_bits) - 1)
@@ -663,6 +687,10 @@ def preallocate_data(d: "Qcow2Driver", old: int, size: int, prealloc: str) -> No
         tab = _ensure_l2(d, ci >> l2_bits)
         old_ents = tab[i:i + n].copy()
         tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
+        if zero_write:
+            # the new area must hide the backing file: every subcluster is
+            # allocated (else QEMU leaves the bitmaps as they were)
+            d.map.l2_bitmaps(_l2_offset(d, ci >> l2_bits))[i:i + n] = ALL_ALLOC
         d.map.mark_dirty(_l2_offset(d, ci >> l2_bits))
         _release(d, old_ents)
         ci += n
