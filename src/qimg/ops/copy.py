@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 from qimg.block.image import Image
 from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO
 from qimg.errors import QimgError
-from qimg.ops.zeroes import classify, is_zero
+from qimg.ops.zeroes import classify, is_zero, nonzero_sectors, runs_of
 from qimg.protocols.file import keep_freed_buffers
 
 SECTOR = 512
@@ -603,14 +603,17 @@ def _produce(job: CopyJob, group: list[Chunk], locks: list, direct: bool,
     the kernel copies file to file."""
     if offload and direct and len(group) == 1 and _copy_range(job, group[0]):
         return None
+    #: the group's data in one buffer, when it is
+    whole = None
     if len(group) == 1:
         data = _read_chunk(job, group[0], locks, bufs)
         buf, views = data, [data]
     elif group[0].zsrc:
         first = group[0]
-        whole = Chunk(first.sector, sum(c.sectors for c in group), first.status, first.src, None, True)
         buf = None
-        mv = memoryview(_read_chunk(job, whole, locks))
+        whole = _read_chunk(job, Chunk(first.sector, sum(c.sectors for c in group), first.status, first.src,
+                                       None, True), locks)
+        mv = memoryview(whole)
         views, pos = [], 0
         for c in group:
             views.append(mv[pos:pos + c.sectors * SECTOR])
@@ -620,6 +623,7 @@ def _produce(job: CopyJob, group: list[Chunk], locks: list, direct: bool,
         buf = bufs.get(total) if bufs is not None else bytearray(total)
         try:
             job.sources[group[0].src].driver.data_node.preadinto(group[0].host, memoryview(buf))
+            whole = buf
             mv = memoryview(buf)
             views, pos = [], 0
             for c in group:
@@ -631,16 +635,23 @@ def _produce(job: CopyJob, group: list[Chunk], locks: list, direct: bool,
             if not job.salvage:
                 raise QimgError(f"error while reading at byte {group[0].sector * SECTOR}: {e.strerror}") from None
             # read again chunk by chunk, sector by sector where it fails
-            buf = None
+            buf = whole = None
             views = [_read_chunk(job, c, locks) for c in group]
     parts = []
+    # one look for non-zero sectors over the whole buffer, split per chunk
+    # (a group of compressed clusters is many small chunks)
+    nz = nonzero_sectors(whole) if whole is not None and job.min_sparse and not offload else None
+    pos = 0
     for chunk, data in zip(group, views):
         if offload:
             runs = [(0, chunk.sectors, True)]
+        elif nz is not None:
+            runs = runs_of(nz[pos:pos + chunk.sectors], chunk.sector, job.min_sparse, job.alignment)
         elif job.min_sparse:
             runs = classify(data, chunk.sector, job.min_sparse, job.alignment)
         else:
             runs = [(0, chunk.sectors, True)]
+        pos += chunk.sectors
         parts.append((data, runs))
     if direct:
         for chunk, part in zip(group, parts):

@@ -56,9 +56,19 @@ def classify(
     runs ``(first_sector, count, is_data)`` relative to the buffer, the way
     qemu-img convert writes them.  ``min_sparse`` and ``alignment`` are in
     sectors (alignment a power of two)."""
+    return runs_of(_nonzero_sectors(buf), sector_num, min_sparse, alignment)
+
+
+def nonzero_sectors(buf: memoryview | bytes | bytearray):  # -> np.ndarray[bool]
+    """Which 512-byte sectors of ``buf`` hold a non-zero byte: found once
+    for a buffer holding several requests, each then split by ``runs_of``."""
+    return _nonzero_sectors(buf)
+
+
+def runs_of(nz, sector_num: int, min_sparse: int, alignment: int) -> list[tuple[int, int, bool]]:
+    """``classify`` for the sectors whose non-zero flags are ``nz``."""
     np = _numpy()
 
-    nz = _nonzero_sectors(buf)
     n = len(nz)
     if n == 0:
         return []
