@@ -407,27 +407,11 @@ class Qcow2Driver(Driver):
         return self.cluster_size >> 5 if self.header.extended_l2 else self.cluster_size
 
     def _metadata_preallocated(self) -> bool:
-        """QEMU's qcow2_detect_metadata_preallocation: far more clusters are
-        referenced than the file really stores, so data clusters may be
-        holes in the file and block status must ask the file."""
+        """Whether data clusters may be holes in the file (prealloc.py)."""
         if self._meta_prealloc is None:
-            import numpy as np
+            from qimg.formats.qcow2.prealloc import metadata_preallocated
 
-            try:
-                refs = self.refs
-            except UnsupportedError:
-                self._meta_prealloc = False
-                return False
-            real_clusters = self.file.allocated_size() // self.cluster_size
-            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-            end = -(-self.file.size // self.cluster_size)
-            count = 0
-            pos = 0
-            while pos < end and count < threshold:
-                n = min(1 << 20, end - pos)
-                count += int(np.count_nonzero(refs.get_range(pos, n)))
-                pos += n
-            self._meta_prealloc = count >= threshold
+            self._meta_prealloc = metadata_preallocated(self)
         return self._meta_prealloc
 
     # ---- writing -----------------------------------------------------------------------
@@ -531,10 +515,14 @@ class Qcow2Driver(Driver):
             store.store()
         if self._modified and not self.read_only:
             self.flush_metadata()
-            if self._set_dirty:
-                self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
-                self._set_dirty = False
             self._modified = False
+        # qcow2_inactivate ends every read-write open with qcow2_mark_clean:
+        # also a dirty image that a failed check -r left unrepaired is
+        # called clean afterwards, as qemu-img leaves it
+        if not self.read_only and self.header.incompatible_features & H.INCOMPAT_DIRTY:
+            self.flush()
+            self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
+        self._set_dirty = False
         from qimg.formats.qcow2.datafile import close_data_file
 
         close_data_file(self)

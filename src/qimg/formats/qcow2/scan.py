@@ -8,6 +8,12 @@ tables that are neighbours on the host, every entry is classified and run
 boundaries are found with a few vectorized passes per batch, and only the
 runs themselves (one per table for a preallocated image) cost Python work.
 
+A table that is one run (all entries alike, or consecutive host clusters
+with one set of flags, as preallocation lays them out) is recognized with a
+bytes comparison or one big-integer equation, without numpy: importing
+numpy costs more than qemu-img's whole ``map`` of a preallocated 256 GiB
+image, so numpy is loaded only when a table needs entry-by-entry work.
+
 The answers are exactly what successive Driver.block_status calls would
 give (same run boundaries up to merging of equal neighbours, same flags and
 host offsets).  What this scanner does not handle is left to that generic
@@ -18,10 +24,9 @@ file (the scan stops before them and says where it may resume).
 
 from __future__ import annotations
 
+import struct
 import sys
-from typing import TYPE_CHECKING, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterator
 
 from qimg.block.status import ALLOCATED, COMPRESSED as S_COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
 
@@ -43,15 +48,15 @@ COMPRESSED = 4
 #: bytes of L2 tables read and classified at once
 BATCH_BYTES = 4 << 20
 
-_U64 = np.uint64
+#: L1 entries the scan reads itself when the cluster map is not loaded
+#: (a bigger table goes through the map, which holds it as an array)
+SMALL_L1 = 1 << 16
+#: L2 tables a scan checks without numpy (see block_status_runs)
+LIGHT_TABLES = 1024
 
 
-def read_tables(file: "File", offsets: list[int], table_size: int) -> np.ndarray:
-    """The tables (of big-endian u64) at host ``offsets`` as a native
-    (tables, table_size/8) array.  Tables that follow each other on the
-    host are read with one request, straight into the array."""
-    buf = np.empty(len(offsets) * table_size, dtype=np.uint8)
-    view = memoryview(buf)  # type: ignore[arg-type]
+def _read_into(file: "File", offsets: list[int], table_size: int, view: memoryview) -> None:
+    """Tables that follow each other on the host are read with one request."""
     i = 0
     while i < len(offsets):
         j = i + 1
@@ -59,15 +64,34 @@ def read_tables(file: "File", offsets: list[int], table_size: int) -> np.ndarray
             j += 1
         file.preadinto(offsets[i], view[i * table_size:j * table_size])
         i = j
-    tables = buf.view(_U64).reshape(len(offsets), table_size // 8)
+
+
+def read_tables(file: "File", offsets: list[int], table_size: int) -> Any:
+    """The tables (of big-endian u64) at host ``offsets`` as a native
+    (tables, table_size/8) numpy array, read straight into it."""
+    import numpy as np
+
+    buf = np.empty(len(offsets) * table_size, dtype=np.uint8)
+    _read_into(file, offsets, table_size, memoryview(buf))  # type: ignore[arg-type]
+    return _native(buf, table_size)
+
+
+def _native(buf: Any, table_size: int) -> Any:
+    """A writable buffer of big-endian tables as a native array, in place."""
+    import numpy as np
+
+    tables = np.frombuffer(buf, dtype=np.uint64).reshape(-1, table_size // 8)
     if sys.byteorder == "little":
         tables.byteswap(inplace=True)
     return tables
 
 
-def _kinds(entries: np.ndarray) -> np.ndarray:
+def _kinds(entries: Any) -> Any:
     """cluster.classify, in fewer passes: 1 for a host offset, +2 for the
     zero flag, 4 for compressed."""
+    import numpy as np
+
+    _U64 = np.uint64
     kinds = ((entries & _U64(L2E_OFFSET_MASK)) != 0).view(np.uint8)
     kinds |= ((entries & _U64(OFLAG_ZERO)) << _U64(1)).astype(np.uint8)
     kinds[(entries & _U64(OFLAG_COMPRESSED)) != 0] = COMPRESSED
@@ -138,6 +162,41 @@ def scannable(driver: object) -> bool:
                 or getattr(h, "data_file", None) or getattr(driver, "_modified", False))
 
 
+def _mapped_tables(driver: Any, lo: int, hi: int, cs: int) -> tuple[list[int], list[int], int | None]:
+    """(L1 indexes, host offsets) of the L2 tables of L1 entries lo..hi
+    that the scan reads, and the first L1 index it leaves to the generic
+    path (a table unaligned or past the end of the file), if any."""
+    limit = max(0, driver.file.size - cs)
+    if driver._map is None and driver.header.l1_size <= SMALL_L1:
+        # the map (and numpy with it) is not needed for a small L1
+        h = driver.header
+        hi = min(hi, h.l1_size - 1)
+        if hi < lo:
+            return [], [], None
+        raw = driver.file.pread(h.l1_table_offset + lo * 8, (hi + 1 - lo) * 8)
+        raw += bytes((hi + 1 - lo) * 8 - len(raw))
+        l2 = [e & L1E_OFFSET_MASK for e in struct.unpack(f">{hi + 1 - lo}Q", raw)]
+        rows = [i for i, t in enumerate(l2, lo) if t]
+        offsets = [l2[i - lo] for i in rows]
+        for k, t in enumerate(offsets):
+            if t & (cs - 1) or t > limit:
+                return rows[:k], offsets[:k], rows[k]
+        return rows, offsets, None
+    import numpy as np
+
+    u64 = np.uint64
+    l1 = driver.map.l1
+    l2 = l1[lo:min(hi + 1, len(l1))] & u64(L1E_OFFSET_MASK)
+    mapped = np.flatnonzero(l2)
+    tables = l2[mapped]
+    odd = np.flatnonzero((tables & u64(cs - 1)) | (tables > u64(limit)))
+    stop = None
+    if len(odd):
+        stop = int(mapped[odd[0]]) + lo
+        mapped, tables = mapped[:odd[0]], tables[:odd[0]]
+    return (mapped + lo).tolist(), tables.tolist(), stop
+
+
 def block_status_runs(driver: object, offset: int, length: int) -> Iterator[Extent | int]:
     """The extents of [offset, offset+length) (clipped to the image), in
     order.  When the scan meets an L2 table it leaves to the generic path,
@@ -149,31 +208,22 @@ def block_status_runs(driver: object, offset: int, length: int) -> Iterator[Exte
     cb = driver.cluster_bits  # type: ignore[attr-defined]
     cs = 1 << cb
     l2_bits = cb - 3
-    n = 1 << l2_bits
     file = driver.file  # type: ignore[attr-defined]
-    l1 = driver.map.l1  # type: ignore[attr-defined]
     first_cluster = offset >> cb
     last_cluster = (end - 1) >> cb
-    lo = first_cluster >> l2_bits
-    hi = last_cluster >> l2_bits  # inclusive
-    l2 = l1[lo:min(hi + 1, len(l1))] & _U64(L1E_OFFSET_MASK)
-    mapped = np.flatnonzero(l2)
-    tables = l2[mapped]
-    # Tables the generic path handles (it reports them): the scan ends there.
-    odd = np.flatnonzero((tables & _U64(cs - 1)) | (tables > _U64(max(0, file.size - cs))))
-    stop = None
-    if len(odd):
-        stop = int(mapped[odd[0]]) + lo
-        mapped, tables = mapped[:odd[0]], tables[:odd[0]]
-    l1_index = (mapped + lo).tolist()
-    offsets = tables.tolist()
+    l1_index, offsets, stop = _mapped_tables(driver, first_cluster >> l2_bits, last_cluster >> l2_bits, cs)
     runs = _Runs(driver, offset, end)
     cluster = first_cluster  # the next cluster not yet accounted for
     per_batch = max(1, BATCH_BYTES >> cb)
+    buf = bytearray(min(per_batch, len(l1_index)) * cs)
+    # one_run costs about a microsecond per KiB of table; past a few
+    # hundred tables numpy's import pays for itself
+    vectorized = len(l1_index) > LIGHT_TABLES or "numpy" in sys.modules
     for b in range(0, len(l1_index), per_batch):
         rows = l1_index[b:b + per_batch]
-        tables = read_tables(file, offsets[b:b + per_batch], cs)
-        for kind, first, count, host in _batch_runs(rows, tables, cb):
+        view = memoryview(buf)[:len(rows) * cs]
+        _read_into(file, offsets[b:b + per_batch], cs, view)
+        for kind, first, count, host in _batch_runs(rows, view, cb, vectorized):
             if first + count <= first_cluster or first > last_cluster:
                 continue
             if first > cluster:
@@ -192,39 +242,78 @@ def block_status_runs(driver: object, offset: int, length: int) -> Iterator[Exte
         yield min(end, (stop + 1) << (l2_bits + cb))
 
 
-def _batch_runs(rows: list[int], tables: np.ndarray, cb: int) -> list[tuple[int, int, int, int]]:
+def _batch_runs(rows: list[int], buf: memoryview, cb: int, vectorized: bool) -> list[tuple[int, int, int, int]]:
     """(type, first cluster, clusters, host offset) of the runs of a batch
-    of tables (L1 indexes ``rows``), in order; neighbours may continue each
-    other (the caller merges).  Tables that are one run (all unallocated,
-    or one stretch of consecutive host clusters, as preallocation lays them
-    out) cost two passes; the others are classified entry by entry."""
+    of tables (L1 indexes ``rows``, their bytes in ``buf``), in order;
+    neighbours may continue each other (the caller merges).  Tables that
+    are one run are told by one_run (or, ``vectorized``, by uniform_rows
+    over the whole batch); the others are classified entry by entry."""
     l2_bits = cb - 3
+    cs = 1 << cb
     n = 1 << l2_bits
-    one_run = uniform_rows(tables, cb)
-    firsts = tables[:, 0].tolist()
+    tables = None
+    if vectorized:
+        tables = _native(buf, cs)
+        firsts = [e if one else None for e, one in zip(tables[:, 0].tolist(), uniform_rows(tables, cb).tolist())]
+    else:
+        firsts = [one_run(buf[r * cs:(r + 1) * cs], cb) for r in range(len(rows))]
     out: list[tuple[int, int, int, int]] = []
     r = 0
     while r < len(rows):
-        if one_run[r]:
-            e = firsts[r]
-            kind = (COMPRESSED if e & OFLAG_COMPRESSED else
-                    (1 if e & L2E_OFFSET_MASK else 0) | (2 if e & OFLAG_ZERO else 0))
+        e = firsts[r]
+        if e is not None:
+            kind = (1 if e & L2E_OFFSET_MASK else 0) | (2 if e & OFLAG_ZERO else 0)
             out.append((kind, rows[r] << l2_bits, n, e & L2E_OFFSET_MASK))
             r += 1
             continue
-        q = r
-        while q < len(rows) and not one_run[q]:
+        q = r + 1
+        while q < len(rows) and firsts[q] is None:
             q += 1
-        out += _entry_runs(rows[r:q], tables[r:q].ravel(), cb)
+        entries = tables[r:q] if tables is not None else _native(buf[r * cs:q * cs], cs)
+        out += _entry_runs(rows[r:q], entries.ravel(), cb)
         r = q
     return out
 
 
-def uniform_rows(tables: np.ndarray, cb: int) -> np.ndarray:
-    """Per table: all its entries are zero, or it maps consecutive host
-    clusters with the same flags (entry i == entry 0 + i * cluster size,
-    with no carry out of the offset field, so every flag bit and every
-    offset bit below the cluster size is entry 0's)."""
+#: per (entries, cluster size): the big-endian table of entry i == i * cluster size, as one integer
+_STEPS: dict[tuple[int, int], int] = {}
+
+
+def one_run(table: memoryview, cb: int) -> int | None:
+    """The first entry of an L2 table that is one run, else None.  One run:
+    every entry the same and without a host cluster (unallocated or plain
+    zero), or consecutive host clusters with one set of flags (entry i ==
+    entry 0 + i * cluster size, with no carry out of the offset field, so
+    every flag bit is entry 0's).  Compressed entries are never one run."""
+    first = bytes(table[:8])
+    e = int.from_bytes(first, "big")
+    if e & OFLAG_COMPRESSED:
+        return None
+    n = len(table) >> 3
+    host = e & L2E_OFFSET_MASK
+    if not host:
+        return e if table == first * n else None
+    cs = 1 << cb
+    if host + (n - 1) * cs > L2E_OFFSET_MASK:
+        return None
+    last = (n - 1) * cs
+    if int.from_bytes(table[-8:], "big") != e + last or int.from_bytes(table[8:16], "big") != e + cs:
+        return None  # the common case of a written table, told cheaply
+    # As integers of n 64-bit digits: entry 0 in every digit, plus the
+    # ramp 0, cs, 2*cs, ...; no digit carries into the next.
+    steps = _STEPS.get((n, cs))
+    if steps is None:
+        steps = _STEPS[(n, cs)] = int.from_bytes(struct.pack(f">{n}Q", *range(0, n * cs, cs)), "big")
+    expect = int.from_bytes(first * n, "big") + steps
+    return e if int.from_bytes(table, "big") == expect else None
+
+
+def uniform_rows(tables: Any, cb: int) -> Any:
+    """Per table of a numpy array of them: all its entries are zero, or it
+    maps consecutive host clusters with the same flags (as one_run)."""
+    import numpy as np
+
+    _U64 = np.uint64
     n = tables.shape[1]
     cs = 1 << cb
     first = tables[:, 0]
@@ -238,18 +327,23 @@ def uniform_rows(tables: np.ndarray, cb: int) -> np.ndarray:
     return uniform
 
 
-_RAMPS: dict[tuple[int, int], np.ndarray] = {}
+_RAMPS: dict[tuple[int, int], Any] = {}
 
 
-def _ramp(n: int, step: int) -> np.ndarray:
+def _ramp(n: int, step: int) -> Any:
+    import numpy as np
+
     ramp = _RAMPS.get((n, step))
     if ramp is None:
-        ramp = _RAMPS[(n, step)] = np.arange(n, dtype=_U64) * _U64(step)
+        ramp = _RAMPS[(n, step)] = np.arange(n, dtype=np.uint64) * np.uint64(step)
     return ramp
 
 
-def _entry_runs(rows: list[int], entries: np.ndarray, cb: int) -> list[tuple[int, int, int, int]]:
+def _entry_runs(rows: list[int], entries: Any, cb: int) -> list[tuple[int, int, int, int]]:
     """The runs of these tables, entry by entry (vectorized)."""
+    import numpy as np
+
+    _U64 = np.uint64
     cs = 1 << cb
     l2_bits = cb - 3
     n = 1 << l2_bits
