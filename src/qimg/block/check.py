@@ -7,7 +7,7 @@ and are left out of the output, as qemu-img leaves out zero counters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from qimg.record import dataclass
 
 
 @dataclass

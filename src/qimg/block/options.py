@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from qimg.errors import QimgError
+from qimg.record import dataclass
 from qimg.units import SizeRangeError, parse_size
 
 # Option types, spelled as qemu-img's ``-o help`` spells them.

@@ -7,7 +7,7 @@ on this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from qimg.record import dataclass
 
 # Flags, named as QEMU's BDRV_BLOCK_*.
 DATA = 0x01          # reads come from a data area (not known to be zero)

@@ -9,13 +9,13 @@ img_open(), whatever layer the reason came from.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from qimg.block.image import Image
 from qimg.block.image import open_image as _open_image
 from qimg.block.options import split_options
 from qimg.errors import QimgError
+from qimg.record import dataclass
 
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe", "off")
 

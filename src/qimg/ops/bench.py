@@ -25,10 +25,10 @@ depth * bufsize up front and aborts when that fails).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qimg.errors import QimgError
+from qimg.record import dataclass
 
 if TYPE_CHECKING:
     import numpy as np

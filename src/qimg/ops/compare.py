@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from qimg.block.image import Image, open_image
@@ -17,6 +16,7 @@ from qimg.block.status import ALLOCATED, COMPRESSED, ZERO
 from qimg.errors import QimgError
 from qimg.ops.copy import SECTOR, block_status_above
 from qimg.ops.progress import FloatAccumulator
+from qimg.record import dataclass
 
 #: qemu-img's IO_BUF_SIZE: the most compared at once
 CHUNK = 2 << 20

@@ -18,7 +18,6 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from qimg.block.image import Image
@@ -26,6 +25,7 @@ from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RE
 from qimg.errors import QimgError
 from qimg.ops.zeroes import classify, is_zero, nonzero_sectors, runs_of
 from qimg.protocols.file import keep_freed_buffers
+from qimg.record import dataclass, field
 
 SECTOR = 512
 #: qemu-img's IO_BUF_SIZE: the default request size (2 MiB)

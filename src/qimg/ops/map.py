@@ -14,11 +14,11 @@ over extents, never over clusters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from qimg.block.status import DATA, OFFSET_VALID, ZERO
 from qimg.errors import QimgError
+from qimg.record import dataclass
 
 #: qemu-img map asks for at most 1 GiB per block-status call; neighbours of
 #: one state merge into one entry anyway, so larger requests print the same

@@ -18,13 +18,13 @@ with writes was tried and gave nothing: the qcow2 write path holds the GIL.)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from qimg.block.image import Image, open_image, resolve_backing
 from qimg.block.status import COMPRESSED, OFFSET_VALID
 from qimg.errors import QimgError, UnsupportedError
 from qimg.ops.progress import FloatAccumulator, f32
+from qimg.record import dataclass
 
 #: qemu-img's IO_BUF_SIZE: the request size of the comparison
 IO_BUF_SIZE = 2 << 20

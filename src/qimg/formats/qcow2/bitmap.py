@@ -21,11 +21,11 @@ from __future__ import annotations
 import os
 import struct
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qimg.errors import QimgError
 from qimg.formats.qcow2 import header as H
+from qimg.record import dataclass
 
 if TYPE_CHECKING:
     import numpy as np

@@ -25,7 +25,6 @@ import os
 import struct
 import sys
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -40,6 +39,7 @@ from qimg.formats.qcow2.header import (
 )
 from qimg.formats.qcow2.scan import read_tables, uniform_rows
 from qimg.protocols.file import keep_freed_buffers
+from qimg.record import dataclass
 
 if TYPE_CHECKING:
     from qimg.protocols.file import File

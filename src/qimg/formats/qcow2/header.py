@@ -7,9 +7,9 @@ share it.  Unknown header extensions are kept verbatim and written back.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from qimg.errors import QimgError
+from qimg.record import dataclass, field
 
 QCOW_MAGIC = 0x514649FB  # "QFI\xfb"
 

@@ -30,10 +30,10 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qimg.errors import QimgError
+from qimg.record import dataclass
 
 if TYPE_CHECKING:
     import numpy as np

@@ -5,7 +5,8 @@ clusters.  Limits and their checks as QEMU's block/qed.c."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from qimg.record import dataclass
 
 QED_MAGIC = 0x00444551  # "QED\0"
 HEADER = struct.Struct("<IIIIQQQQQII")
