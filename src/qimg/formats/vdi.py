@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import struct
 import sys
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from qimg.block.check import CheckResult
@@ -105,6 +104,8 @@ class VdiDriver(Driver):
         struct.pack_into("<I", header, OFF_SECTOR_SIZE, SECTOR_SIZE)
         struct.pack_into("<QIIII", header, OFF_DISK_SIZE, size, DEFAULT_CLUSTER_SIZE, 0, blocks,
                          blocks if static else 0)
+        import uuid  # here: probing imports this module, and uuid is slow to import
+
         # VirtualBox stores UUIDs with the first three fields little endian
         header[OFF_UUID_IMAGE:OFF_UUID_IMAGE + 16] = uuid.uuid4().bytes_le
         header[OFF_UUID_LAST_SNAP:OFF_UUID_LAST_SNAP + 16] = uuid.uuid4().bytes_le
