@@ -132,6 +132,9 @@ class CopyJob:
     target_has_backing: bool = False
     #: the target is known to read as zeroes everywhere
     has_zero_init: bool = False
+    #: the target was created for this copy (not -n): a cluster it gets data
+    #: for is newly allocated, so the rest of that cluster reads as zeroes
+    target_is_new: bool = True
     #: size of the target's backing file in sectors, -1 when unknown
     target_backing_sectors: int = -1
     cluster_sectors: int = 0
@@ -897,7 +900,7 @@ def _write_runs(job: CopyJob, chunk: Chunk, data, runs: list[tuple[int, int, boo
     target = job.target
     offset = chunk.sector * SECTOR
     view = memoryview(data)
-    if job.has_zero_init and not job.target_has_backing and job.cluster_sectors > 1:
+    if job.has_zero_init and job.target_is_new and not job.target_has_backing and job.cluster_sectors > 1:
         # a qcow2 target with extended L2 entries allocates per subcluster
         unit = getattr(target.driver, "subcluster_size", None)
         runs = _whole_clusters(runs, chunk, unit // SECTOR if unit else job.cluster_sectors)
