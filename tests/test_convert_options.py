@@ -192,6 +192,19 @@ def test_target_is_zero_skips_zero_writes(tmp_path, src, out_fmt):
     _same_image(mine, theirs, out_fmt)
 
 
+@pytest.mark.parametrize("out_fmt", ["qcow2", "vdi", "qed"])
+def test_target_is_zero_leaves_the_rest_of_written_clusters(tmp_path, out_fmt):
+    # data that covers part of a target cluster: qemu-img writes just the
+    # data, the stale bytes around it stay (the user said they were zeroes)
+    src = make_image(tmp_path / "part.raw", "4M", "write -P 0x11 4k 4k", "write -P 0x22 1M 512")
+
+    def prepare(path: str) -> None:
+        make_image(path, "4M", "write -P 0x55 0 4M", fmt=out_fmt)
+
+    mine, theirs = _twins(tmp_path, ["-n", "--target-is-zero", "-f", "raw"], out_fmt, src, prepare)
+    _same_image(mine, theirs, out_fmt)
+
+
 # ---- -n into every format --------------------------------------------------------
 
 @pytest.mark.parametrize("out_fmt", ["raw", "qcow2", "qed", "vdi", "qcow", "parallels"])

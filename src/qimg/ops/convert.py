@@ -217,6 +217,7 @@ def convert(
                       copy_range=copy_range, salvage=salvage, warn=warn, rate_limit=rate_limit,
                       coroutines=coroutines)
         job.target_has_backing = target_has_backing
+        job.target_is_new = not skip_create
         if target_has_backing and not skip_create and tgt.backing is not None:
             job.target_backing_sectors = -(-tgt.backing.size // SECTOR)
         job.cluster_sectors = (tgt.driver.cluster_size or 0) // SECTOR
