@@ -14,6 +14,7 @@ from qimg.errors import QimgError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 
 
@@ -175,6 +176,32 @@ class File:
             return
         pos = offset
         zero = bytes(min(_ZERO_CHUNK, length))
+        while pos < end:
+            n = min(len(zero), end - pos)
+            self.pwrite(pos, zero[:n] if n < len(zero) else zero)
+            pos += n
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Zero a range keeping it allocated, as QEMU's write_zeroes without
+        BDRV_REQ_MAY_UNMAP does (FALLOC_FL_ZERO_RANGE: no hole appears, so
+        block status still calls it data); zeroes written where the host
+        cannot."""
+        if length <= 0:
+            return
+        if not self.is_block_device and getattr(self, "_can_zero_range", True):
+            if File._fallocate is None:
+                File._fallocate = _fallocate_fn()
+            import ctypes
+
+            if File._fallocate(self.fd, _FALLOC_FL_ZERO_RANGE, offset, length) == 0:
+                return
+            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            self._can_zero_range = False
+        end = offset + length
+        zero = bytes(min(_ZERO_CHUNK, length))
+        pos = offset
         while pos < end:
             n = min(len(zero), end - pos)
             self.pwrite(pos, zero[:n] if n < len(zero) else zero)
