@@ -217,6 +217,37 @@ def test_existing_target(tmp_path, src, out_fmt, size):
     _same_image(mine, theirs, out_fmt)
 
 
+@pytest.fixture
+def overlay(tmp_path, src) -> str:
+    base = str(tmp_path / "base.qcow2")
+    assert run_qemu("convert", "-f", "raw", "-O", "qcow2", src, base).returncode == 0
+    return make_image(tmp_path / "ov.qcow2", "4M", "write -P 9 2M 100k", fmt="qcow2",
+                      extra=("-b", base, "-F", "qcow2"))
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow2", "qed", "vdi", "qcow", "parallels"])
+@pytest.mark.parametrize("args", [["-B", "base.qcow2"], ["-B", "base.qcow2", "-F", "qcow2"]])
+def test_existing_target_with_backing_option(tmp_path, overlay, out_fmt, args):
+    # -n has no create options, so -B needs no -F: only the overlay's own
+    # clusters are copied, the rest of the target stays as it was
+    def prepare(path: str) -> None:
+        make_image(path, "4M", "write -P 0x55 0 4M", fmt=out_fmt)
+
+    mine, theirs = _twins(tmp_path, ["-n", *args, "-f", "qcow2"], out_fmt, overlay, prepare)
+    _same_image(mine, theirs, out_fmt)
+
+
+@pytest.mark.parametrize("progress", [[], ["-p"]])
+def test_target_is_zero_with_backing_option(tmp_path, overlay, progress):
+    # qemu-img reports the conflict but exits 0 (and -p still shows 100%)
+    def prepare(path: str) -> None:
+        make_image(path, "4M", "write -P 0x55 0 4M", fmt="qcow2")
+
+    mine, theirs = _twins(tmp_path, ["-n", "--target-is-zero", "-B", "base.qcow2", *progress, "-f", "qcow2"],
+                          "qcow2", overlay, prepare)
+    _same_image(mine, theirs, "qcow2")
+
+
 # ---- -S ----------------------------------------------------------------------------
 
 @pytest.fixture

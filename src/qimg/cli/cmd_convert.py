@@ -178,7 +178,11 @@ def run(prog: str, argv: list[str]) -> int:
         # qemu-img reports the error before ending the progress line
         from qimg.cli.main import report
 
-        return report(prog, e)
+        code = report(prog, e)
+        if code == 0:
+            # an error that leaves qemu-img's ret at 0 still ends at 100%
+            meter.update(100)
+        return code
     finally:
         meter.end()
     return 0

@@ -173,12 +173,15 @@ def convert(
             backing_file = values.get("backing_file")
         target_has_backing = backing_file is not None
         if target_is_zero and target_has_backing:
-            raise QimgError("Cannot use --target-is-zero when the destination image has a backing file")
+            # qemu-img leaves through its error exit with ret still 0
+            raise QimgError("Cannot use --target-is-zero when the destination image has a backing file", 0)
         if len(srcs) > 1 and target_has_backing:
             raise QimgError(
                 "Having a backing file for the target makes no sense when concatenating multiple input images"
             )
-        if target_has_backing and not values.get("backing_fmt"):
+        # with -n there are no create options: qemu-img checks -B's format
+        # only on its way into them
+        if target_has_backing and not skip_create and not values.get("backing_fmt"):
             raise QimgError("Use of backing file requires explicit backing format")
         if compressed and drv is not None:
             if not drv.supports_compression:
