@@ -316,7 +316,11 @@ def snapshots(tmp_path) -> str:
 
 
 SNAPSHOT_PARAMS = ["snap", "7", "snapshot.id=1", "snapshot.name=7", "snapshot.id=1,snapshot.name=snap",
-                   "snapshot.id=1,snapshot.name=x", "snapshot.id", "snapshot.id=1,foo=2", "nosuch"]
+                   "snapshot.id=1,snapshot.name=x", "snapshot.id", "snapshot.id=1,foo=2", "nosuch",
+                   # QemuOpts' corners: help, bare and no- flags, id=, a trailing comma, ,, in names
+                   "snapshot.id=1,help", "snapshot.id=1,?,foo=2", "snapshot.id=1,foo=2,help", "snapshot.id=1,nofoo",
+                   "snapshot.id=1,nosnapshot.name", "snapshot.id=1,id=7", "snapshot.id=1,id=a7", "snapshot.id=1,",
+                   "snapshot.x,,y=1", "snapshot.id=1,nodelay"]
 
 
 @pytest.mark.parametrize("param", SNAPSHOT_PARAMS)

@@ -196,21 +196,89 @@ class SnapshotParam:
     exact: bool = False
 
 
+_SNAPSHOT_HELP = (
+    "snapshot options:\n"
+    "  snapshot.id=<str>      - snapshot id\n"
+    "  snapshot.name=<str>    - snapshot name\n"
+)
+
+
+def _opt_value(text: str, pos: int) -> tuple[str, int]:
+    """qemu's get_opt_value: up to a lone comma, ``,,`` a literal one."""
+    out = []
+    while True:
+        comma = text.find(",", pos)
+        if comma < 0:
+            out.append(text[pos:])
+            return "".join(out), len(text)
+        if text.startswith(",,", comma):
+            out.append(text[pos:comma + 1])
+            pos = comma + 2
+            continue
+        out.append(text[pos:comma])
+        return "".join(out), comma
+
+
+def _opt_items(text: str):
+    """qemu's get_opt_name_value over the whole list: (name, value, as
+    written when it was a bare flag, else None).  A name ends at ``=`` or
+    ``,`` (no ``,,`` escape in names); a bare ``noX`` is X=off."""
+    pos = 0
+    while pos < len(text):
+        ends = [i for i in (text.find("=", pos), text.find(",", pos)) if i >= 0]
+        stop = min(ends) if ends else len(text)
+        name = text[pos:stop]
+        if stop < len(text) and text[stop] == "=":
+            value, pos = _opt_value(text, stop + 1)
+            flag = None
+        else:
+            pos, flag = stop, name
+            if name.startswith("no"):
+                name, value = name[2:], "off"
+            else:
+                value = "on"
+        yield name, value, flag
+        if pos < len(text):
+            pos += 1  # the comma
+
+
+def _identifier(text: str) -> bool:
+    """qemu's id_wellformed."""
+    return bool(text) and text[0].isascii() and text[0].isalpha() and all(
+        c.isascii() and (c.isalnum() or c in "-._") for c in text)
+
+
 def parse_snapshot_param(prog: str, text: str) -> SnapshotParam:
     """Parse ``-l`` as qemu-img does while reading its options: a value
-    starting with ``snapshot.`` is a key=value list of snapshot.id and
-    snapshot.name, anything else an ID or a name."""
+    starting with ``snapshot.`` is a QemuOpts list of snapshot.id and
+    snapshot.name (qemu_opts_parse_noisily: an ``id=`` is checked first,
+    then each item in turn, ``help`` printing the list's options), anything
+    else an ID or a name."""
     if not text.startswith("snapshot."):
         return SnapshotParam(text)
+    failed = f"Failed in parsing snapshot param '{text}'"
+    opts_id = next((value for name, value, _ in _opt_items(text) if name == "id"), None)
+    if opts_id is not None and not _identifier(opts_id):
+        # the hint goes between the two errors, so this one is printed here
+        sys.stderr.write(f"{prog}: Parameter 'id' expects an identifier\n"
+                         "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n")
+        raise QimgError(failed)
     found = SnapshotParam(None, None, True)
-    for key, value in split_options(text):
-        if key not in ("snapshot.id", "snapshot.name"):
-            raise QimgError(f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
-        if value is None:
-            sys.stderr.write(f"{prog}: warning: short-form boolean option '{key}' deprecated\n"
-                             f"Please use {key}=on instead\n")
-            value = "on"
-        if key == "snapshot.id":
+    for name, value, flag in _opt_items(text):
+        if flag is not None and flag in ("help", "?"):
+            sys.stdout.write(_SNAPSHOT_HELP)
+            raise QimgError(failed)
+        if flag is not None:
+            sys.stderr.write(f"{prog}: warning: short-form boolean option '{flag}' deprecated\n")
+            if name == "delay":
+                sys.stderr.write(f"Please use nodelay={'on' if value == 'off' else 'off'} instead\n")
+            else:
+                sys.stderr.write(f"Please use {name}={value} instead\n")
+        if name == "id":
+            continue
+        if name not in ("snapshot.id", "snapshot.name"):
+            raise QimgError(f"Invalid parameter '{name}'\n{failed}")
+        if name == "snapshot.id":
             found.snapshot_id = value
         else:
             found.name = value
