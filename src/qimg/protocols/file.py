@@ -21,9 +21,9 @@ _ZERO_CHUNK = 1 << 20
 def _fallocate_fn():
     """libc's fallocate(2), loaded only when a hole is punched."""
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # the libc this process runs on (find_library would run ldconfig)
+    libc = ctypes.CDLL(None, use_errno=True)
     fn = libc.fallocate
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int
