@@ -10,6 +10,7 @@ from qimg.cli import args
 from qimg.cli.common import CommonOptions, apply_common, check_cache, open_image
 from qimg.errors import QimgError
 from qimg.ops import amend as ops_amend
+from qimg.ops import create as ops_create
 from qimg.ops.progress import Progress
 
 
@@ -27,6 +28,9 @@ def run(prog: str, argv: list[str]) -> int:
         if apply_common(opt, val, common):
             continue
         if opt == "-o":
+            # accumulate_options refuses a bad list as it is parsed
+            if not ops_create.valid_option_list(val):
+                raise QimgError(f"Invalid option list: {val}")
             options = val if options is None else f"{options},{val}"
         elif opt == "-t":
             cache = val

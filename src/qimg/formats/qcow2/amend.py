@@ -179,7 +179,8 @@ def amend(d: "Qcow2Driver", o: dict[str, Any], status: StatusFn | None = None, f
         h.autoclear_features &= ~H.AUTOCLEAR_DATA_FILE_RAW
     write_header(d)
     backing_file, backing_fmt = o.get("backing_file"), o.get("backing_fmt")
-    if backing_file or backing_fmt:
+    # qemu_opt_get gives "" for an empty value: that is a change too
+    if backing_file is not None or backing_fmt is not None:
         if backing_file != h.backing_file or backing_fmt != h.backing_format:
             raise QimgError("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
     lazy_now = bool(h.compatible_features & H.COMPAT_LAZY_REFCOUNTS)
@@ -244,10 +245,9 @@ def _downgrade(d: "Qcow2Driver", helper: _Helper) -> None:
     h.version = 2
     h.header_length = H.V2_HEADER_LENGTH
     write_header(d)
-    # v2 cannot hold persistent bitmaps: QEMU stores nothing more on close,
-    # leaving the extension that readers now ignore
-    if getattr(d, "_bitmaps", None) is not None:
-        d._bitmaps = None
+    # the bitmaps loaded for writing are still stored on close (a new
+    # directory in the extension a v2 header keeps), as QEMU does; readers
+    # then ignore them, as v2 has no autoclear bit to vouch for them
 
 
 def _has_compressed_clusters(d: "Qcow2Driver") -> bool:
@@ -311,7 +311,13 @@ def _expand_l2(d: "Qcow2Driver", l2_off: int) -> None:
         else:
             host = int(tab[j]) & L2E_OFFSET_MASK
         refs.flush()
-        d.file.write_zeroes(host, cs)
+        # bdrv_pwrite_zeroes without BDRV_REQ_MAY_UNMAP: the cluster stays
+        # allocated in the file (no hole), so map calls it data afterwards
+        zero_range = getattr(d.data_file, "zero_range", None)
+        if zero_range is not None:
+            zero_range(host, cs)
+        else:
+            d.data_file.write_zeroes(host, cs)
         tab[j] = np.uint64(host | (QCOW_OFLAG_COPIED if l2_refcount == 1 else 0))
     m.mark_dirty(l2_off)
     d.flush_metadata()

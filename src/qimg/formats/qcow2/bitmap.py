@@ -396,8 +396,16 @@ class BitmapStore:
         h.bitmaps_ext = ext
         h.autoclear_features = autoclear
         h.feature_table = []
-        h.header_length = H.V3_HEADER_LENGTH_COMPRESSION
-        buf = h.pack()
+        if h.version == 2:
+            # bitmaps stored on close after amend's downgrade: QEMU's v2
+            # header keeps the extension (with no autoclear bit to vouch for it)
+            from qimg.formats.qcow2.amend import _pack_v2_keeping_bitmaps
+
+            h.backing_format = d.header.backing_format
+            buf = _pack_v2_keeping_bitmaps(h)
+        else:
+            h.header_length = H.V3_HEADER_LENGTH_COMPRESSION
+            buf = h.pack()
         d.file.pwrite(0, buf + bytes(cs - len(buf)))
         d.file.flush()
         d.header.bitmaps_ext = ext
@@ -448,6 +456,10 @@ class BitmapStore:
         directory freed (update_ext_header_and_dir)."""
         d = self.d
         nb_old, old_size, old_offset = _ext(d)
+        if not nb_old and self.entries and d.header.bitmaps_ext is not None:
+            # amend's downgrade has cleared the autoclear bit since the
+            # directory was loaded; QEMU still frees the one it loaded
+            nb_old, _, old_size, old_offset = BITMAPS_EXT.unpack_from(d.header.bitmaps_ext)
         if entries:
             dir_bytes = self._directory(entries)
             dir_off = d.refs.alloc(len(dir_bytes))

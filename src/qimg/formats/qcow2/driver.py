@@ -212,15 +212,37 @@ class Qcow2Driver(Driver):
         self._write_incompat(self.header.incompatible_features & ~H.INCOMPAT_DIRTY)
 
     # ---- persistent dirty bitmaps (bitmap.py) -------------------------------------
-    def _open_bitmaps(self) -> None:
+    def _open_bitmaps(self, validated: bool = False) -> None:
         from qimg.formats.qcow2 import bitmap
 
-        bitmap.validate_ext(self.header)
+        if not validated:
+            bitmap.validate_ext(self.header)
+        h = self.header
+        update_header = False
+        if not self.read_only:
+            # a read-write open drops what it ignores: unknown autoclear
+            # bits, and a bitmaps extension without its autoclear bit
+            if h.bitmaps_ext is not None and not h.autoclear_features & H.AUTOCLEAR_BITMAPS:
+                h.bitmaps_ext = None
+                update_header = True
+            if h.autoclear_features & ~(H.AUTOCLEAR_BITMAPS | H.AUTOCLEAR_DATA_FILE_RAW):
+                h.autoclear_features &= H.AUTOCLEAR_BITMAPS | H.AUTOCLEAR_DATA_FILE_RAW
+                update_header = True
         self._bitmaps: "bitmap.BitmapStore | None" = None
         # QEMU checks the bitmaps on every open, loads them on a read-write
         # open and flags them in use before any write; read-only users load
         # them on demand.
         self._bitmaps = bitmap.open_store(self)
+        store = self._bitmaps
+        # flagging bitmaps in use has rewritten the header already
+        # (qcow2_load_autoloading_dirty_bitmaps returns true)
+        if update_header and not (store is not None and any(not b.inconsistent for b in store.bitmaps)):
+            from qimg.formats.qcow2.amend import write_header
+
+            if self._check_mode:
+                # as in reopen_for_repair: check mode has read no snapshot table
+                h.nb_snapshots = h.snapshots_offset = 0
+            write_header(self)
 
     def dirty_bitmaps(self) -> Any:
         if self._bitmaps is None:
@@ -279,7 +301,7 @@ class Qcow2Driver(Driver):
         in which check mode has no snapshot table yet, so qemu-img 7.2
         leaves the table's count and offset zero (the snapshots are lost and
         their clusters repaired as leaks); we do the same, byte for byte."""
-        self._open_bitmaps()
+        self._open_bitmaps(validated=True)
         store = self._bitmaps
         if store is not None and any(not b.inconsistent for b in store.bitmaps):
             self.file.pwrite(60, struct.pack(">IQ", 0, 0))
