@@ -31,13 +31,13 @@ def _message(e: getopt.GetoptError, argv: list[str], longopts: list[str]) -> str
         return f"missing argument for option '{'-' + opt if len(opt) == 1 else '--' + _full_long(opt, longopts)}'"
     if "must not have an argument" in e.msg:
         return f"option '--{_full_long(opt, longopts)}' doesn't allow an argument"
-    if "not a unique prefix" in e.msg:
-        # qemu-img's optstring starts with ':', so getopt stays silent and
-        # qemu-img reports an ambiguous prefix as unrecognized
-        return f"unrecognized option '--{opt}'"
     if len(opt) == 1 and not any(a == "--" + opt or a.startswith("--" + opt + "=") for a in argv):
         return f"unrecognized option '-{opt}'"
-    return f"unrecognized option '--{opt}'"
+    # qemu-img's optstring starts with ':', so getopt stays silent (also
+    # for an ambiguous prefix) and qemu-img names the whole argument,
+    # '=value' included
+    whole = next((a for a in argv if a == "--" + opt or a.startswith("--" + opt + "=")), "--" + opt)
+    return f"unrecognized option '{whole}'"
 
 
 def _full_long(opt: str, longopts: list[str]) -> str:
