@@ -464,6 +464,13 @@ class _SerialWriter:
 def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahead: int,
                bufs: "_BufferPool | None", writer: "_SerialWriter | None", total_alloc: int) -> None:
     done = 0
+
+    def count(chunk: Chunk) -> None:
+        nonlocal done
+        if job.progress is not None and _counts(job, chunk):
+            done += chunk.sectors
+            job.progress(100.0 * done / total_alloc)
+
     limiter = _RateLimit(job.rate_limit) if job.rate_limit else None
     with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, job.coroutines))) as pool:
         try:
@@ -506,7 +513,13 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                 if not pending:
                     break
                 group, fut = pending.popleft()
-                result = fut.result() if fut is not None else None
+                try:
+                    result = fut.result() if fut is not None else None
+                except QimgError:
+                    if job.salvage:
+                        raise
+                    _replay_failed(job, group, locks, compressor, direct, writer, count)
+                    raise
                 if job.pending_warnings:
                     _emit_warnings(job, group)
                 if direct or compressor is not None:
@@ -538,6 +551,25 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
             if bufs is not None:
                 # workers waiting for a buffer must not outlive a failure
                 bufs.close()
+
+
+def _replay_failed(job: CopyJob, group: list[Chunk], locks: list, compressor, direct: bool,
+                   writer: "_SerialWriter | None", count: Callable[[Chunk], None]) -> None:
+    """A group's read failed.  qemu-img reads each of these chunks as a
+    request of its own, counting it in the progress before reading it: so
+    the chunks before the failing one are written, and each one up to it
+    counted, before the failing read raises its own error (with -m 1 that
+    is exactly qemu-img's output and resulting file)."""
+    for chunk in group:
+        count(chunk)
+        if compressor is not None:
+            _write_chunk(job, chunk, compressor.work(_read_chunk(job, chunk, locks)), compressor)
+            continue
+        result = _produce(job, [chunk], locks, direct)
+        if not direct:
+            if writer is not None:
+                writer.sector = chunk.sector
+            _write_chunk(job, chunk, result[1][0], None)
 
 
 def _compress_group(job: CopyJob, group: list[Chunk], locks: list, compressor: "_Compressor") -> list:
