@@ -160,6 +160,15 @@ def test_read_error_message(tmp_path):
     _twins(tmp_path, ["-m", "1", "-f", "qcow2"], "raw", bad)
 
 
+@pytest.mark.parametrize("out_fmt, extra", [("raw", []), ("qcow2", []), ("qcow2", ["-c"]), ("qed", [])])
+def test_read_error_keeps_what_came_before(tmp_path, out_fmt, extra):
+    # one request at a time (-m 1): the clusters before the damaged one are
+    # written and -p counts up to the failing request, as in qemu-img
+    bad = _damaged_compressed(tmp_path)
+    mine, theirs = _twins(tmp_path, ["-p", "-m", "1", *extra, "-f", "qcow2"], out_fmt, bad)
+    _same_image(mine, theirs, out_fmt)
+
+
 @pytest.mark.parametrize("extra", [[], ["-q"]])
 def test_salvage_zeroes_what_cannot_be_read(tmp_path, extra):
     bad = _damaged_compressed(tmp_path)
