@@ -117,3 +117,36 @@ def test_damaged_snapshot_table_hint_as_qemu(tmp_path):
     make_bad_snapshot_table(tmp_path)
     mine = assert_same(["compare", "s.qcow2", "s.qcow2"], str(tmp_path))
     assert mine.stderr.endswith(FORCE_REMOVE_HINT)
+
+
+@pytest.fixture
+def long_images(tmp_path):
+    """24 MiB images: several 2 MiB chunks in a row of each kind, a
+    mismatch and a read error (a compressed cluster whose data is not
+    deflate) past the first chunk of a run."""
+    import struct
+
+    raw = make_image(tmp_path / "p.raw", "24M", "write -P 0x21 0 24M")
+    shutil.copy(raw, tmp_path / "m.raw")
+    run_qemu_io("-f", "raw", "-c", "write -P 0x22 13631493 3", str(tmp_path / "m.raw"))
+    shutil.copy(raw, tmp_path / "e.raw")
+    run_qemu_io("-f", "raw", "-c", "write -z 4M 6M", str(tmp_path / "e.raw"))
+    q = make_image(tmp_path / "bad.qcow2", "24M", "write -P 0x21 0 11M", "write -c -P 0x21 11M 64k",
+                   "write -P 0x21 11328k 13248k", fmt="qcow2")
+    with open(q, "r+b") as f:
+        f.seek(40)
+        l1_offset = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1_offset)
+        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2_offset + 8 * (11 << 4))
+        f.write(struct.pack(">Q", 1 << 62))  # compressed, one sector at offset 0: the header
+    return str(tmp_path)
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", [["p.raw", "m.raw"], ["-p", "p.raw", "m.raw"], ["-p", "m.raw", "p.raw"],
+                                  ["-p", "p.raw", "e.raw"], ["-p", "e.raw", "p.raw"],
+                                  ["p.raw", "bad.qcow2"], ["-p", "p.raw", "bad.qcow2"],
+                                  ["-p", "bad.qcow2", "m.raw"]])
+def test_long_images_like_qemu(long_images, args):
+    assert_same(["compare", *args], long_images)

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from qimg.block.image import Image, open_image
 from qimg.block.status import ALLOCATED, COMPRESSED, ZERO
 from qimg.errors import QimgError
-from qimg.ops.copy import SECTOR, block_status_above
+from qimg.ops.copy import SECTOR, block_status_above, read_error
 from qimg.ops.progress import FloatAccumulator
 from qimg.record import dataclass
 
@@ -81,8 +81,11 @@ def _first_difference(a: bytes, b: bytes) -> int:
 def _read(img: Image, offset: int, length: int, name: str) -> bytes:
     try:
         data = img.read(offset, length)
-    except OSError as e:
-        raise QimgError(f"Error while reading offset {offset} of {name}: {e.strerror}", READ_ERROR) from None
+    except (OSError, QimgError) as e:
+        reason = read_error(e)
+        if reason is None:
+            raise
+        raise QimgError(f"Error while reading offset {offset} of {name}: {reason}", READ_ERROR) from None
     return data if len(data) == length else data + bytes(length - len(data))
 
 
@@ -155,8 +158,13 @@ def compare_images(
         return CompareResult(False, m.offset, f"Content mismatch at offset {m.offset}!", code=DIFFERENT)
 
 
-#: chunks whose reads are under way ahead of the one being compared
+#: groups whose reads are under way ahead of the one being compared
 AHEAD = 2
+#: neighbouring chunks of one kind are read and compared together, up to
+#: this much: fewer, larger reads (each chunk still counts for progress,
+#: and a mismatch is found at the sector qemu-img reports)
+GROUP = 8 << 20
+_READS = ("both", "empty1", "empty2")
 
 
 class _KnownStatus:
@@ -180,11 +188,14 @@ class _KnownStatus:
             entry = 16 if getattr(img.driver.header, "extended_l2", False) else 8
             self.table = self.cluster * (self.cluster // entry)
 
-    def status(self, offset: int, length: int, name: str) -> tuple[int, int]:
+    def status(self, offset: int, length: int, name: str, lock: threading.Lock) -> tuple[int, int]:
+        """The run at ``offset``; the image is locked only when its
+        driver must be asked (reads of it run in other threads)."""
         if self.reuse and self.start <= offset < self.end:
             flags, pnum = self.flags, self.end - offset
         else:
-            flags, pnum = _status(self.img, offset, length, name)
+            with lock:
+                flags, pnum = _status(self.img, offset, length, name)
             self.start, self.end, self.flags = offset, offset + pnum, flags
         if self.table:
             unit = self.cluster if flags & COMPRESSED else self.table
@@ -204,10 +215,8 @@ def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: 
     offset = 0
     while offset < total:
         try:
-            with locks[0]:
-                status1, pnum1 = known1.status(offset, size1 - offset, name1)
-            with locks[1]:
-                status2, pnum2 = known2.status(offset, size2 - offset, name2)
+            status1, pnum1 = known1.status(offset, size1 - offset, name1, locks[0])
+            status2, pnum2 = known2.status(offset, size2 - offset, name2, locks[1])
         except QimgError as e:
             yield "error", offset, 0, e
             return
@@ -233,10 +242,11 @@ def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: 
 
 def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: bool,
                     pool: ThreadPoolExecutor, advance: Callable[[int], None]) -> CompareResult | None:
-    """Compare the part both images have, the reads of the next chunks
-    running in the pool (one image per thread at a time: format drivers'
-    caches are not thread-safe) while this thread compares; the first
-    mismatch or error in guest order wins, as in qemu-img's serial loop."""
+    """Compare the part both images have, the reads of the next groups of
+    chunks running in the pool (one image per thread at a time: format
+    drivers' caches are not thread-safe) while this thread compares; the
+    first mismatch or error in guest order wins, as in qemu-img's serial
+    loop."""
     from qimg.protocols.file import keep_freed_buffers
 
     # the reads in flight each allocate a buffer: reuse freed ones
@@ -249,36 +259,70 @@ def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int
         with locks[i]:
             return _read(img, offset, length, name)
 
-    pending: deque = deque()
+    def submit(kind: str, offset: int, chunks: list[int], err: QimgError | None) -> None:
+        length = sum(chunks)
+        f1 = pool.submit(read, 0, offset, length) if kind in ("both", "empty1") else None
+        f2 = pool.submit(read, 1, offset, length) if kind in ("both", "empty2") else None
+        pending.append((kind, offset, chunks, err, f1, f2))
+
+    def difference(kind: str, f1: Callable[[], bytes], f2: Callable[[], bytes]) -> int:
+        if kind == "both":
+            return _first_difference(f1(), f2())
+        return _first_nonzero(f1() if kind == "empty1" else f2())
 
     def finish() -> CompareResult | None:
-        kind, offset, chunk, err, f1, f2 = pending.popleft()
+        kind, offset, chunks, err, f1, f2 = pending.popleft()
         if kind == "error":
             raise err
         if kind == "strict":
             return CompareResult(False, offset, f"Strict mode: Offset {offset} block status mismatch!",
                                  code=DIFFERENT)
-        if kind == "both":
-            idx = _first_difference(f1.result(), f2.result())
-        elif kind == "empty1":
-            idx = _first_nonzero(f1.result())
-        elif kind == "empty2":
-            idx = _first_nonzero(f2.result())
-        else:
+        if kind not in _READS:
+            advance(chunks[0])
+            return None
+        try:
+            idx = difference(kind, f1.result if f1 else None, f2.result if f2 else None)
+        except QimgError:
+            if len(chunks) == 1:
+                raise
+            # which chunk, in qemu-img's order, fails first: again one by one
             idx = -1
-        if idx >= 0:
-            raise _Mismatch(offset + idx)
-        advance(chunk)
+            pos = offset
+            for chunk in chunks:
+                idx = difference(kind, lambda: read(0, pos, chunk), lambda: read(1, pos, chunk))
+                if idx >= 0:
+                    raise _Mismatch(pos + idx) from None
+                advance(chunk)
+                pos += chunk
+            return None
+        pos = offset
+        for chunk in chunks:
+            if 0 <= idx < pos + chunk - offset:
+                raise _Mismatch(offset + idx)
+            advance(chunk)
+            pos += chunk
         return None
 
+    pending: deque = deque()
+    group: list | None = None  # being gathered: kind, offset, chunks, their length
     for kind, offset, chunk, err in _plan(img1, img2, name1, name2, total, strict, locks):
-        f1 = pool.submit(read, 0, offset, chunk) if kind in ("both", "empty1") else None
-        f2 = pool.submit(read, 1, offset, chunk) if kind in ("both", "empty2") else None
-        pending.append((kind, offset, chunk, err, f1, f2))
-        if len(pending) > AHEAD:
+        if group is not None and kind == group[0] and offset == group[1] + group[3] and group[3] + chunk <= GROUP:
+            group[2].append(chunk)
+            group[3] += chunk
+            continue
+        if group is not None:
+            submit(group[0], group[1], group[2], None)
+            group = None
+        if kind in _READS:
+            group = [kind, offset, [chunk], chunk]
+        else:
+            submit(kind, offset, [chunk], err)
+        while len(pending) > AHEAD:
             found = finish()
             if found is not None:
                 return found
+    if group is not None:
+        submit(group[0], group[1], group[2], None)
     while pending:
         found = finish()
         if found is not None:

@@ -716,7 +716,7 @@ def _read_chunk(job: CopyJob, chunk: Chunk, locks: list, bufs: "_BufferPool | No
     try:
         return _read_chunk_raw(job, chunk, locks, bufs)
     except (OSError, QimgError) as e:
-        reason = _read_error(e)
+        reason = read_error(e)
         if reason is None:
             raise
         if job.salvage:
@@ -745,7 +745,7 @@ def _failing_sector(job: CopyJob, chunk: Chunk, locks: list) -> int:
     return chunk.sector
 
 
-def _read_error(e: BaseException) -> str | None:
+def read_error(e: BaseException) -> str | None:
     """strerror of a failed read, None for an error that is no read error
     (a driver reports corrupt data it cannot decode as EIO, as QEMU's do)."""
     if isinstance(e, OSError):
@@ -774,7 +774,7 @@ def _salvage(job: CopyJob, chunk: Chunk, locks: list) -> bytearray:
         try:
             data = _locked_read(img, locks[src], offset, length)
         except (OSError, QimgError) as e:
-            reason = _read_error(e)
+            reason = read_error(e)
             if reason is None:
                 raise
             warnings.append(f"error while reading offset {offset}: {reason}")
