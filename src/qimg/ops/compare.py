@@ -158,13 +158,8 @@ def compare_images(
         return CompareResult(False, m.offset, f"Content mismatch at offset {m.offset}!", code=DIFFERENT)
 
 
-#: groups whose reads are under way ahead of the one being compared
+#: chunks whose reads are under way ahead of the one being compared
 AHEAD = 2
-#: neighbouring chunks of one kind are read and compared together, up to
-#: this much: fewer, larger reads (each chunk still counts for progress,
-#: and a mismatch is found at the sector qemu-img reports)
-GROUP = 8 << 20
-_READS = ("both", "empty1", "empty2")
 
 
 class _KnownStatus:
@@ -242,11 +237,10 @@ def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: 
 
 def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: bool,
                     pool: ThreadPoolExecutor, advance: Callable[[int], None]) -> CompareResult | None:
-    """Compare the part both images have, the reads of the next groups of
-    chunks running in the pool (one image per thread at a time: format
-    drivers' caches are not thread-safe) while this thread compares; the
-    first mismatch or error in guest order wins, as in qemu-img's serial
-    loop."""
+    """Compare the part both images have, the reads of the next chunks
+    running in the pool (one image per thread at a time: format drivers'
+    caches are not thread-safe) while this thread compares; the first
+    mismatch or error in guest order wins, as in qemu-img's serial loop."""
     from qimg.protocols.file import keep_freed_buffers
 
     # the reads in flight each allocate a buffer: reuse freed ones
@@ -259,70 +253,36 @@ def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int
         with locks[i]:
             return _read(img, offset, length, name)
 
-    def submit(kind: str, offset: int, chunks: list[int], err: QimgError | None) -> None:
-        length = sum(chunks)
-        f1 = pool.submit(read, 0, offset, length) if kind in ("both", "empty1") else None
-        f2 = pool.submit(read, 1, offset, length) if kind in ("both", "empty2") else None
-        pending.append((kind, offset, chunks, err, f1, f2))
-
-    def difference(kind: str, f1: Callable[[], bytes], f2: Callable[[], bytes]) -> int:
-        if kind == "both":
-            return _first_difference(f1(), f2())
-        return _first_nonzero(f1() if kind == "empty1" else f2())
+    pending: deque = deque()
 
     def finish() -> CompareResult | None:
-        kind, offset, chunks, err, f1, f2 = pending.popleft()
+        kind, offset, chunk, err, f1, f2 = pending.popleft()
         if kind == "error":
             raise err
         if kind == "strict":
             return CompareResult(False, offset, f"Strict mode: Offset {offset} block status mismatch!",
                                  code=DIFFERENT)
-        if kind not in _READS:
-            advance(chunks[0])
-            return None
-        try:
-            idx = difference(kind, f1.result if f1 else None, f2.result if f2 else None)
-        except QimgError:
-            if len(chunks) == 1:
-                raise
-            # which chunk, in qemu-img's order, fails first: again one by one
+        if kind == "both":
+            idx = _first_difference(f1.result(), f2.result())
+        elif kind == "empty1":
+            idx = _first_nonzero(f1.result())
+        elif kind == "empty2":
+            idx = _first_nonzero(f2.result())
+        else:
             idx = -1
-            pos = offset
-            for chunk in chunks:
-                idx = difference(kind, lambda: read(0, pos, chunk), lambda: read(1, pos, chunk))
-                if idx >= 0:
-                    raise _Mismatch(pos + idx) from None
-                advance(chunk)
-                pos += chunk
-            return None
-        pos = offset
-        for chunk in chunks:
-            if 0 <= idx < pos + chunk - offset:
-                raise _Mismatch(offset + idx)
-            advance(chunk)
-            pos += chunk
+        if idx >= 0:
+            raise _Mismatch(offset + idx)
+        advance(chunk)
         return None
 
-    pending: deque = deque()
-    group: list | None = None  # being gathered: kind, offset, chunks, their length
     for kind, offset, chunk, err in _plan(img1, img2, name1, name2, total, strict, locks):
-        if group is not None and kind == group[0] and offset == group[1] + group[3] and group[3] + chunk <= GROUP:
-            group[2].append(chunk)
-            group[3] += chunk
-            continue
-        if group is not None:
-            submit(group[0], group[1], group[2], None)
-            group = None
-        if kind in _READS:
-            group = [kind, offset, [chunk], chunk]
-        else:
-            submit(kind, offset, [chunk], err)
-        while len(pending) > AHEAD:
+        f1 = pool.submit(read, 0, offset, chunk) if kind in ("both", "empty1") else None
+        f2 = pool.submit(read, 1, offset, chunk) if kind in ("both", "empty2") else None
+        pending.append((kind, offset, chunk, err, f1, f2))
+        if len(pending) > AHEAD:
             found = finish()
             if found is not None:
                 return found
-    if group is not None:
-        submit(group[0], group[1], group[2], None)
     while pending:
         found = finish()
         if found is not None:
