@@ -257,6 +257,17 @@ def test_target_is_zero_with_backing_option(tmp_path, overlay, progress):
     _same_image(mine, theirs, "qcow2")
 
 
+@pytest.mark.parametrize("out_fmt, opts", [("qcow2", "cluster_size=4M"), ("qcow2", "refcount_bits=3"),
+                                           ("qed", "cluster_size=3k"), ("vdi", "subformat=x")])
+def test_refused_create_option_leaves_no_file(tmp_path, src, out_fmt, opts):
+    # the format checks its options before the file protocol creates the file
+    (tmp_path / "m").mkdir()
+    (tmp_path / "q").mkdir()
+    args = ["convert", "-f", "raw", "-o", opts, "-O", out_fmt, src, "out"]
+    _same_result(run_qimg(*args, cwd=str(tmp_path / "m")), run_qemu(*args, cwd=str(tmp_path / "q")))
+    assert os.listdir(tmp_path / "m") == os.listdir(tmp_path / "q")
+
+
 # ---- -S ----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -4,7 +4,6 @@ or existing target, as img_convert does; the copying is the shared engine's
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 from qimg.block.image import Image, open_image
@@ -94,15 +93,6 @@ def _load_snapshot(sources: list[Image], snapshot: "str | tuple[str | None, str 
     if getattr(header, "nb_snapshots", 0):
         raise QimgError("Failed to load snapshot: Operation not supported")
     raise QimgError("Failed to load snapshot: Can't find snapshot")
-
-
-def _precreate(filename: str) -> None:
-    """The file protocol's part of creation: the file must be creatable."""
-    try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as e:
-        raise QimgError(f"Could not create '{filename}': {e.strerror}") from None
-    os.close(fd)
 
 
 def convert(
@@ -200,10 +190,16 @@ def convert(
         if drv is not None:
             size = values.pop("size")
             try:
-                _precreate(target)
                 drv.create(target, size, values)
             except QimgError as e:
-                raise QimgError(f"{target}: error while converting {out_format}: {e.message}") from None
+                # the file protocol's own create reports "Could not create"
+                # (after the format checked its options: a refused option
+                # leaves no file behind)
+                message = e.message
+                opened = f"Could not open '{target}': "
+                if message.startswith(opened):
+                    message = f"Could not create '{target}': " + message[len(opened):]
+                raise QimgError(f"{target}: error while converting {out_format}: {message}") from None
             except OSError as e:
                 raise QimgError(
                     f"{target}: error while converting {out_format}: Could not create '{target}': {e.strerror}"
