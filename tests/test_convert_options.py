@@ -268,6 +268,19 @@ def test_refused_create_option_leaves_no_file(tmp_path, src, out_fmt, opts):
     assert os.listdir(tmp_path / "m") == os.listdir(tmp_path / "q")
 
 
+@pytest.mark.parametrize("args", [["-p"], ["-q"], ["-n"]])
+def test_compressed_qcow_fails_silently(tmp_path, src, args):
+    # the empty compressed write that ends the copy is refused by qcow:
+    # qemu-img exits 1 without a message, and -p stops short of its last 100%
+    def prepare(path: str) -> None:
+        if "-n" in args:
+            make_image(path, "4M", fmt="qcow")
+
+    mine, theirs = _twins(tmp_path, ["-c", *args, "-f", "raw"], "qcow", src, prepare)
+    with open(mine, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()
+
+
 # ---- -S ----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -122,11 +122,12 @@ def test_convert_to_qcow(tmp_path, src, compress):
     run_qemu("create", "-q", "-f", "qcow", "-b", "base.qcow2", "-F", "qcow2", "t.qcow", cwd=str(tmp_path))
     _qemu_io(tmp_path / "t.qcow", 512)
     c = ["-c"] if compress else []
-    assert run_qimg("convert", *c, "-O", "qcow", src, "m.qcow", cwd=str(tmp_path)).returncode == 0
+    mine = run_qimg("convert", *c, "-O", "qcow", src, "m.qcow", cwd=str(tmp_path))
     theirs = run_qemu("convert", *c, "-O", "qcow", src, "q.qcow", cwd=str(tmp_path))
     # qemu-img 7.2 ends compressed output with an empty compressed write,
     # which qcow refuses (EINVAL): it exits 1, silently, after a full copy
     assert (theirs.returncode, theirs.stderr) == ((1 if compress else 0), b"")
+    assert (mine.returncode, mine.stdout, mine.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
     assert (tmp_path / "m.qcow").read_bytes() == (tmp_path / "q.qcow").read_bytes()
     assert run_qemu("compare", src, "m.qcow", cwd=str(tmp_path)).returncode == 0
 

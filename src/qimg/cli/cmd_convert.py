@@ -159,7 +159,7 @@ def run(prog: str, argv: list[str]) -> int:
         return common.open_image(name, None if tgt_image_opts else fmt_, read_only=False,
                                  use_image_opts=tgt_image_opts)
 
-    from qimg.ops.convert import convert
+    from qimg.ops.convert import UnreportedError, convert
 
     meter = Progress(progress, 1.0)
     meter.update(0)
@@ -174,6 +174,8 @@ def run(prog: str, argv: list[str]) -> int:
             opener=open_source, target_opener=open_target,
         )
         meter.update(100)
+    except UnreportedError:
+        return 1
     except QimgError as e:
         # qemu-img reports the error before ending the progress line
         from qimg.cli.main import report

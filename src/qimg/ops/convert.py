@@ -20,6 +20,10 @@ SPARSE_SIZE_ERROR = (
 )
 
 
+class UnreportedError(QimgError):
+    """A failure qemu-img does not report: it only exits with status 1."""
+
+
 def check_sparse_size(sparse_size: int) -> int:
     """-S in bytes to sectors, with qemu-img's refusal."""
     if sparse_size % SECTOR or sparse_size // SECTOR > MAX_BUF_SECTORS:
@@ -232,6 +236,12 @@ def convert(
             # sources' end untouched as qemu-img does
             job.has_zero_init = True
         run(job)
+        if compressed and not tgt.driver.aligns_compressed_end:
+            # qemu-img ends compressed output with an empty compressed write,
+            # which qcow's driver refuses (-EINVAL): img_convert then fails
+            # without a message, the data all written
+            tgt.flush()
+            raise UnreportedError("Invalid argument")
         if bitmaps:
             from qimg.ops.bitmap import copy_bitmaps
 
@@ -252,4 +262,4 @@ def _bitmaps_supported(img: Image) -> bool:
     return persistent_supported(img)
 
 
-__all__ = ["convert", "check_sparse_size", "SPARSE_SIZE_ERROR"]
+__all__ = ["convert", "check_sparse_size", "SPARSE_SIZE_ERROR", "UnreportedError"]
