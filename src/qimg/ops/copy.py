@@ -907,8 +907,13 @@ def _locked_read(img: Image, lock: threading.Lock | None, offset: int, length: i
 def _write_chunk(job: CopyJob, chunk: Chunk, data, compressor) -> None:
     try:
         _write_chunk_raw(job, chunk, data, compressor)
-    except OSError as e:
-        raise QimgError(f"error while writing at byte {chunk.sector * SECTOR}: {e.strerror}") from None
+    except (OSError, QimgError) as e:
+        # a driver refuses a request with EIO as a QimgError too (qcow2: a
+        # compressed write over an allocated cluster)
+        reason = read_error(e)
+        if reason is None:
+            raise
+        raise QimgError(f"error while writing at byte {chunk.sector * SECTOR}: {reason}") from None
 
 
 def _write_chunk_raw(job: CopyJob, chunk: Chunk, data, compressor) -> None:
