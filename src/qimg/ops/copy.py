@@ -13,6 +13,8 @@ and the sparse layout of the output byte-identical to qemu-img's.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import sys
 import threading
@@ -464,13 +466,34 @@ class _SerialWriter:
 def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahead: int,
                bufs: "_BufferPool | None", writer: "_SerialWriter | None", total_alloc: int) -> None:
     done = 0
+    counted = 0
+    last: Chunk | None = None
 
     def count(chunk: Chunk) -> None:
-        nonlocal done
+        nonlocal done, counted, last
         if job.progress is not None and _counts(job, chunk):
             done += chunk.sectors
+            counted += 1
+            last = chunk
             job.progress(100.0 * done / total_alloc)
 
+    try:
+        _copy_chunks(job, chunks, locks, compressor, direct, ahead, bufs, writer, count)
+    except QimgError:
+        if job.progress is not None and last is not None and counted < job.coroutines:
+            # qemu-img's coroutines each take (and count) a data request
+            # before the first one completes: a failure among the first ones
+            # leaves one counted per coroutine
+            start = bisect.bisect_right(chunks, last.sector, key=lambda c: c.sector)
+            for chunk in itertools.islice(chunks, start, None):
+                if counted >= job.coroutines:
+                    break
+                count(chunk)
+        raise
+
+
+def _copy_chunks(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahead: int,
+                 bufs: "_BufferPool | None", writer: "_SerialWriter | None", count: Callable[[Chunk], None]) -> None:
     limiter = _RateLimit(job.rate_limit) if job.rate_limit else None
     with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, job.coroutines))) as pool:
         try:
@@ -522,20 +545,20 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
                     raise
                 if job.pending_warnings:
                     _emit_warnings(job, group)
-                if direct or compressor is not None:
+                if compressor is not None:
+                    # each cluster counted as its write comes (qemu-img
+                    # counts a request before doing it)
+                    for chunk, part in zip(group, result if result is not None else [None]):
+                        count(chunk)
+                        _write_chunk(job, chunk, part, compressor)
+                    continue
+                if direct:
                     for chunk in group:
-                        if job.progress is not None and _counts(job, chunk):
-                            done += chunk.sectors
-                            job.progress(100.0 * done / total_alloc)
-                    if compressor is not None:
-                        for chunk, part in zip(group, result if result is not None else [None]):
-                            _write_chunk(job, chunk, part, compressor)
+                        count(chunk)
                     continue
                 buf, parts = result if result is not None else (None, [None])
                 for chunk, part in zip(group, parts):
-                    if job.progress is not None and _counts(job, chunk):
-                        done += chunk.sectors
-                        job.progress(100.0 * done / total_alloc)
+                    count(chunk)
                     if writer is not None:
                         writer.sector = chunk.sector
                     _write_chunk(job, chunk, part, None)
