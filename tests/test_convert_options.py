@@ -169,6 +169,17 @@ def test_read_error_keeps_what_came_before(tmp_path, out_fmt, extra):
     _same_image(mine, theirs, out_fmt)
 
 
+@pytest.mark.parametrize("coroutines", ["1", "2", "8"])
+def test_compressed_write_over_allocated_clusters(tmp_path, src, coroutines):
+    # qcow2 refuses a compressed write onto an allocated cluster (EIO): the
+    # first request fails, and -p shows one request taken per coroutine
+    def prepare(path: str) -> None:
+        make_image(path, "4M", "write -P 0x55 0 4M", fmt="qcow2")
+
+    mine, theirs = _twins(tmp_path, ["-p", "-m", coroutines, "-n", "-c", "-f", "raw"], "qcow2", src, prepare)
+    _same_image(mine, theirs, "qcow2")
+
+
 @pytest.mark.parametrize("extra", [[], ["-q"]])
 def test_salvage_zeroes_what_cannot_be_read(tmp_path, extra):
     bad = _damaged_compressed(tmp_path)
