@@ -292,6 +292,14 @@ def test_compressed_qcow_fails_silently(tmp_path, src, args):
         assert a.read() == b.read()
 
 
+@pytest.mark.parametrize("args", [["-O", "qcow2"], ["-O", "raw", "-p"], []])
+def test_target_image_opts_with_output_format(tmp_path, src, args):
+    target = str(tmp_path / "t.qcow2")
+    make_image(target, "4M", fmt="qcow2")
+    argv = ["convert", "-n", "--target-image-opts", *args, "-f", "raw", src, f"driver=qcow2,file.filename={target}"]
+    _same_result(run_qimg(*argv), run_qemu(*argv))
+
+
 # ---- -S ----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -123,6 +123,8 @@ def run(prog: str, argv: list[str]) -> int:
             skip_broken = True
     fmt, quiet, force_share, image_opts = shared.fmt, shared.quiet, shared.force_share, shared.image_opts
 
+    # -O with --target-image-opts is refused when the target is opened
+    given_out_fmt = out_fmt
     if out_fmt is None and not tgt_image_opts:
         out_fmt = "raw"
     if skip_broken and not bitmaps:
@@ -156,7 +158,7 @@ def run(prog: str, argv: list[str]) -> int:
 
     def open_target(name: str, fmt_: str | None, **_: object):
         common.check_cache(cache)
-        return common.open_image(name, None if tgt_image_opts else fmt_, read_only=False,
+        return common.open_image(name, given_out_fmt if tgt_image_opts else fmt_, read_only=False,
                                  use_image_opts=tgt_image_opts)
 
     from qimg.ops.convert import UnreportedError, convert
