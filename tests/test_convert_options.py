@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import time
 
@@ -298,6 +299,30 @@ def test_target_image_opts_with_output_format(tmp_path, src, args):
     make_image(target, "4M", fmt="qcow2")
     argv = ["convert", "-n", "--target-image-opts", *args, "-f", "raw", src, f"driver=qcow2,file.filename={target}"]
     _same_result(run_qimg(*argv), run_qemu(*argv))
+
+
+@pytest.mark.parametrize("args", [
+    ["-n", "-O", "raw", "src.raw", "src.raw"],
+    ["-n", "-O", "qcow2", "src.raw", "src.raw"],
+    ["-O", "qcow2", "src.raw", "./src.raw"],
+    ["-n", "-O", "raw", "ov.qcow2", "base.qcow2"],  # the source's backing file
+    ["-O", "raw", "ov.qcow2", "base.qcow2"],
+    ["-p", "-O", "qcow2", "base.qcow2", "base.qcow2"],
+    ["-U", "-n", "-O", "raw", "src.raw", "src.raw"],  # shared: written over
+    ["-U", "-O", "qcow2", "ov.qcow2", "base.qcow2"],
+])
+def test_target_held_by_a_source(tmp_path, overlay, args):
+    # the sources are opened unsharing write: the target cannot be one of
+    # their files (qemu-img's lock error), unless -U
+    q, m = tmp_path / "q", tmp_path / "m"
+    for d in (q, m):
+        d.mkdir()
+        for name in ("src.raw", "base.qcow2", "ov.qcow2"):
+            shutil.copy(tmp_path / name, d / name)
+        assert run_qemu("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2", cwd=str(d)).returncode == 0
+    _same_result(run_qimg("convert", *args, cwd=str(m)), run_qemu("convert", *args, cwd=str(q)))
+    for name in ("src.raw", "base.qcow2"):
+        assert (m / name).read_bytes() == (q / name).read_bytes()
 
 
 # ---- -S ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ or existing target, as img_convert does; the copying is the shared engine's
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from qimg.block.image import Image, open_image
@@ -193,6 +194,9 @@ def convert(
 
         if drv is not None:
             size = values.pop("size")
+            if not force_share and _in_use(srcs, target):
+                raise QimgError(f'{target}: error while converting {out_format}: Failed to get "write" lock',
+                                detail=f"Is another process using the image [{target}]?\n")
             try:
                 drv.create(target, size, values)
             except QimgError as e:
@@ -208,6 +212,9 @@ def convert(
                 raise QimgError(
                     f"{target}: error while converting {out_format}: Could not create '{target}': {e.strerror}"
                 ) from None
+        if drv is None and not force_share and _in_use(srcs, target):
+            raise QimgError(f"Could not open '{target}': Failed to get \"write\" lock",
+                            detail=f"Is another process using the image [{target}]?\n")
         tgt = target_opener(target, out_format, read_only=False)
         if bitmaps and not _bitmaps_supported(tgt):
             raise QimgError(f"Format driver '{tgt.format}' does not support bitmaps")
@@ -254,6 +261,27 @@ def convert(
             tgt.close()
         for img in srcs:
             img.close()
+
+
+def _in_use(sources: list[Image], target: str) -> bool:
+    """Whether ``target`` is a file the sources hold open.  qemu-img opens
+    its sources unsharing write (BDRV_O_NO_SHARE, unless -U), and their
+    backing and data files with them: creating or opening the target for
+    writing then fails on the lock, before anything is written."""
+    try:
+        st = os.stat(target)
+    except (OSError, ValueError):
+        return False
+    for src in sources:
+        for img in src.chain():
+            for node in (img.file, getattr(img.driver, "data_node", None)):
+                fd = getattr(node, "fd", None)
+                if fd is None:
+                    continue
+                mine = os.fstat(fd)
+                if (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino):
+                    return True
+    return False
 
 
 def _bitmaps_supported(img: Image) -> bool:
