@@ -211,16 +211,31 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
             n = min(n, job.src_sectors[src] - local)
             offset = local * SECTOR
             lock = locks[src] if locks else None
-            try:
-                if lock is None:
-                    flags, count, host, ztop = _status_above(img, offset, n * SECTOR, job.target_has_backing)
-                else:
-                    with lock:
+            while True:
+                try:
+                    if lock is None:
                         flags, count, host, ztop = _status_above(img, offset, n * SECTOR, job.target_has_backing)
-            except OSError as e:
-                # a driver's metadata lookup failed (e.g. an offset outside the file)
-                raise QimgError(f"error while reading block status at offset {sector * SECTOR}: "
-                                f"{e.strerror}") from None
+                    else:
+                        with lock:
+                            flags, count, host, ztop = _status_above(img, offset, n * SECTOR,
+                                                                     job.target_has_backing)
+                    break
+                except (OSError, QimgError) as e:
+                    # a driver's metadata lookup failed (corrupt metadata,
+                    # an offset outside the file)
+                    reason = read_error(e)
+                    if reason is None:
+                        raise
+                    if not job.salvage:
+                        raise QimgError(f"error while reading block status at offset {offset}: {reason}") from None
+                    if n > 1:
+                        # --salvage: qemu-img asks again for a quarter of the range
+                        n = -(-n // 4)
+                        continue
+                    # ... down to one sector, which it then reads as data
+                    _status_warning(job, sector, f"error while reading block status at offset {offset}: {reason}")
+                    flags, count, host, ztop = DATA, SECTOR, None, False
+                    break
             status_sector, status_host, status_z = sector, host, ztop
             table = job.src_table[src]
             if table and flags & DATA and not flags & ZERO:
@@ -276,6 +291,18 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
         if job.compressed and chunk_status != status:
             # qemu changes s->status itself; the next chunk re-reads status
             status = chunk_status
+
+
+def _status_warning(job: CopyJob, sector: int, line: str) -> None:
+    """A --salvage block status warning.  qemu-img walks the block status
+    twice, once to count the data and once copying, so it prints each such
+    warning twice: now (the plan is made whole before copying when
+    salvaging), and again with the chunk's read warnings."""
+    if job.warn is None:
+        return
+    job.warn(line)
+    with _warn_lock:
+        job.pending_warnings.setdefault(sector, []).append(line)
 
 
 def _counts(job: CopyJob, chunk: Chunk) -> bool:
@@ -336,9 +363,16 @@ def run(job: CopyJob) -> None:
     locks = [None if img.format == "raw" and img.backing is None else threading.Lock() for img in job.sources]
     chunks: Iterator[Chunk] | list[Chunk] = plan(job, locks)
     total_alloc = 0
-    if job.progress is not None:
+    if job.progress is not None or job.salvage:
         chunks = list(chunks)
         total_alloc = sum(c.sectors for c in chunks if _counts(job, c))
+    elif any(img.format != "raw" or img.backing is not None for img in job.sources):
+        # qemu-img walks all the block status once, counting the data,
+        # before it copies: a block status that fails stops it with nothing
+        # written.  (A plain raw file's cannot fail: no need to walk twice.)
+        for _ in chunks:
+            pass
+        chunks = plan(job, locks)
     compressor = _compressor(job) if job.compressed else None
     # A raw target has no allocation order to keep: workers write to it
     # directly.  Other formats get their writes from this thread, in order.
@@ -805,7 +839,7 @@ def _salvage(job: CopyJob, chunk: Chunk, locks: list) -> bytearray:
         out[i * SECTOR:i * SECTOR + len(data)] = data
     if warnings and job.warn is not None:
         with _warn_lock:
-            job.pending_warnings[chunk.sector] = warnings
+            job.pending_warnings.setdefault(chunk.sector, []).extend(warnings)
     return out
 
 
