@@ -228,9 +228,13 @@ class File:
         old = self.size
         if prealloc == "off" or size <= old:
             os.ftruncate(self.fd, size)
+            if old == 0 and size > 0:
+                self._allocate_first_block(size)
             return
         if prealloc == "falloc":
             os.posix_fallocate(self.fd, old, size - old)
+            if old == 0:
+                self._allocate_first_block(size)
             return
         if prealloc == "full":
             os.ftruncate(self.fd, old)
@@ -242,6 +246,15 @@ class File:
                 pos += n
             return
         raise QimgError(f"Unsupported preallocation mode '{prealloc}'")
+
+    def _allocate_first_block(self, size: int) -> None:
+        """file-posix's allocate_first_block: a file grown from empty gets
+        its first block written (zeroes), for later alignment probing; so
+        every raw image qemu-img makes maps its first 4 KiB as data."""
+        try:
+            self.pwrite(0, bytes(512 if size < 4096 else 4096))
+        except OSError:
+            pass  # qemu ignores failures
 
     def flush(self) -> None:
         if not self.read_only:
