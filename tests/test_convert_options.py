@@ -156,6 +156,34 @@ def _damaged_compressed(tmp_path) -> str:
     return path
 
 
+def _bad_block_status(tmp_path) -> str:
+    """A qcow2 image with an external data file whose second cluster's L2
+    entry says compressed, which such an image cannot have: QEMU calls the
+    image corrupt and its block status there fails with EIO."""
+    path = str(tmp_path / "bs.qcow2")
+    make_image(path, "1M", "write -P 3 0 128k", "write -P 4 512k 64k", fmt="qcow2",
+               extra=("-o", f"data_file={tmp_path / 'bs.data'}"))
+    with open(path, "r+b") as f:
+        head = f.read(104)
+        l1 = struct.unpack(">Q", head[40:48])[0]
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2 + 8)
+        f.write(struct.pack(">Q", (1 << 62) | 0x30000))
+    return path
+
+
+@pytest.mark.parametrize("args", [[], ["--salvage"], ["--salvage", "-q"], ["--salvage", "-p", "-m", "1"]])
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
+def test_block_status_error(tmp_path, src, args, out_fmt):
+    # named at its offset in its own source (the second one here); without
+    # --salvage nothing is written (qemu-img counts the data first); with it
+    # each failing sector is warned about twice and read as data
+    bad = _bad_block_status(tmp_path)
+    mine, theirs = _twins(tmp_path, [*args, src], out_fmt, bad)
+    _same_image(mine, theirs, out_fmt)
+
+
 def test_read_error_message(tmp_path):
     bad = _damaged_compressed(tmp_path)
     _twins(tmp_path, ["-m", "1", "-f", "qcow2"], "raw", bad)
@@ -202,6 +230,14 @@ def test_salvage_warnings(tmp_path):
 @pytest.mark.parametrize("args", [["--target-is-zero"], ["--target-is-zero", "-B", "x.raw", "-F", "raw"]])
 def test_target_is_zero_requires_n(tmp_path, src, args):
     _twins(tmp_path, ["-f", "raw", *args], "qcow2", src)
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
+def test_new_target_over_leading_zeroes(tmp_path, out_fmt):
+    # a raw file qemu-img creates has its first block written (file-posix)
+    src = make_image(tmp_path / "z.raw", "4M", "write -P 1 1M 64k")
+    mine, theirs = _twins(tmp_path, ["-f", "raw"], out_fmt, src)
+    _same_image(mine, theirs, out_fmt)
 
 
 @pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
