@@ -69,7 +69,7 @@ OPTION_CASES = [
     ["--object", "secret,id=s,data=x", "r.img"], ["-q", "-c", "10", "r.img"], ["--force-share", "-c", "1", "q.qcow2"],
     ["-U", "-w", "-c", "1", "nonexist.img"], ["-f", "foo", "r.img"], ["-c", "1", "--", "r.img"],
     ["--image-opts", "-f", "raw", "driver=raw,file.filename=r.img"], ["--image-opts", "driver=qcow2"],
-    ["--image-opts", "foo=bar"], ["--image-opts", "-c", "1", "file.driver=file"], ["-c", "100", "-S", "8k", "q.qcow2"],
+    ["--image-opts", "foo=bar"], ["--no-drain=1", "r.img"], ["-c", "1", "--pattern", "1", "--no-d=", "r.img"], ["--image-opts", "-c", "1", "file.driver=file"], ["-c", "100", "-S", "8k", "q.qcow2"],
 ]
 
 

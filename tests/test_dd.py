@@ -130,6 +130,8 @@ def assert_same_image(theirs: Path, mine: Path, fmt: str) -> None:
     ["if=in.raw", "of=o.raw", "if=missing"],
     ["--object", "foo", "if=in.raw", "of=o.raw"],
     ["--object", "id=x", "if=in.raw", "of=o.raw"],
+    ["--force-share=on", "if=in.raw", "of=o.raw"],
+    ["--image=1", "if=in.raw", "of=o.raw"],
 ])
 def test_refusals(inputs: Path, args: list[str]) -> None:
     q, m = run_both(inputs, "dd", *args)

@@ -29,14 +29,16 @@ def _message(e: getopt.GetoptError, argv: list[str], longopts: list[str]) -> str
     opt = e.opt
     if "requires argument" in e.msg:
         return f"missing argument for option '{'-' + opt if len(opt) == 1 else '--' + _full_long(opt, longopts)}'"
-    if "must not have an argument" in e.msg:
-        return f"option '--{_full_long(opt, longopts)}' doesn't allow an argument"
     if len(opt) == 1 and not any(a == "--" + opt or a.startswith("--" + opt + "=") for a in argv):
         return f"unrecognized option '-{opt}'"
     # qemu-img's optstring starts with ':', so getopt stays silent (also
-    # for an ambiguous prefix) and qemu-img names the whole argument,
-    # '=value' included
-    whole = next((a for a in argv if a == "--" + opt or a.startswith("--" + opt + "=")), "--" + opt)
+    # for an ambiguous prefix, or a value given to a flag) and qemu-img
+    # names the whole argument, '=value' included
+    whole = next((a for a in argv if a == "--" + opt or a.startswith("--" + opt + "=")), None)
+    if whole is None:
+        # an abbreviation given a value (getopt names the option in full)
+        whole = next((a for a in argv if a.startswith("--") and "=" in a
+                      and len(a.partition("=")[0]) > 2 and opt.startswith(a.partition("=")[0][2:])), "--" + opt)
     return f"unrecognized option '{whole}'"
 
 
