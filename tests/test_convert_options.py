@@ -312,6 +312,13 @@ def test_target_is_zero_with_backing_option(tmp_path, overlay, progress):
     _same_image(mine, theirs, "qcow2")
 
 
+@pytest.mark.parametrize("out_fmt, opts", [("qed", "cluster_size=x"), ("qcow2", "cluster_size="),
+                                           ("qcow2", "cluster_size=99E"), ("qcow2", "lazy_refcounts=x")])
+def test_bad_create_option_value(tmp_path, src, out_fmt, opts):
+    # the size parser's hint lines carry no program name
+    _twins(tmp_path, ["-f", "raw", "-o", opts], out_fmt, src)
+
+
 @pytest.mark.parametrize("out_fmt, opts", [("qcow2", "cluster_size=4M"), ("qcow2", "refcount_bits=3"),
                                            ("qed", "cluster_size=3k"), ("vdi", "subformat=x")])
 def test_refused_create_option_leaves_no_file(tmp_path, src, out_fmt, opts):

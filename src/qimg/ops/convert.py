@@ -60,7 +60,12 @@ def _create_values(out_format: str, options: str | dict[str, Any] | None, size: 
             spec = schema.get(name)
             if spec is None:
                 raise QimgError(f"Invalid parameter '{name}'")
-            values[name] = coerce(spec, text)
+            try:
+                values[name] = coerce(spec, text)
+            except QimgError as e:
+                # error_report_err: the lines after the first are qemu's hint
+                first, _, rest = e.message.partition("\n")
+                raise QimgError(first, e.code, detail=rest + "\n" if rest else "") from None
     values["size"] = size
     if backing_file is not None:
         if "backing_file" not in schema:
