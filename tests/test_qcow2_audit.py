@@ -137,3 +137,35 @@ def test_read_write_open_drops_ignored_header_parts(tmp_path, cmd, damage):
         assert a == b
     else:
         assert a[:4096] == b[:4096]
+
+
+@pytest.mark.parametrize("arg", ["--output=json", "--outp=json", "--bogus=1", "--bogus", "--o"])
+@pytest.mark.parametrize("command", ["snapshot", "info"])
+def test_unrecognized_long_option_named_whole(tmp_path, command, arg):
+    src = _src(tmp_path)
+    make_image(src / "a.qcow2", "1M", fmt="qcow2")
+    _both(tmp_path, [command, "-l", arg, "a.qcow2"] if command == "snapshot" else [command, arg, "a.qcow2"])
+
+
+CREATE_REFUSALS = [
+    "preallocation=", "compression_type=", "backing_fmt=", "encrypt.format=", "data_file=",
+    "data_file=,compat=x", "data_file=x.d,compression_type=,compat=0.10",
+    "compat=0.10,extended_l2=on,lazy_refcounts=on", "cluster_size=3k,extended_l2=on,compat=0.10",
+    "lazy_refcounts=on,compat=0.10,refcount_bits=8", "compat=0.10,compression_type=zstd,data_file=x.d",
+    "data_file_raw=on,compression_type=zstd,compat=0.10",
+    "backing_file=b.raw,backing_fmt=raw,preallocation=metadata",
+    "backing_file=b.raw,backing_fmt=raw,data_file=x.d,data_file_raw=on,preallocation=full",
+    "compat=0.10,data_file=x.d,backing_file=b.raw,backing_fmt=raw,preallocation=full",
+]
+
+
+@pytest.mark.parametrize("opts", CREATE_REFUSALS)
+def test_create_refusals_in_qemu_order_delete_the_files(tmp_path, opts):
+    """qcow2_co_create_opts creates the image (and data) file before checking
+    the options: a refusal deletes them, also files that were there."""
+    src = _src(tmp_path)
+    make_image(src / "b.raw", "1M")
+    for name in ("c.qcow2", "x.d"):
+        (src / name).write_bytes(b"old")
+    mine, theirs = _both(tmp_path, ["create", "-q", "-f", "qcow2", "-o", opts, "c.qcow2", "1M"])
+    assert sorted(os.listdir(mine)) == sorted(os.listdir(theirs))

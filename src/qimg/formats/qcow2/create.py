@@ -50,10 +50,9 @@ QCOW_MAX_L1_SIZE = 32 << 20
 
 
 def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
-    """Check options as qcow2_co_create_opts/qcow2_co_create do; returns
-    the settled values."""
-    if o.get("backing_fmt") and not o.get("backing_file"):
-        raise QimgError("Backing format cannot be used without backing file")
+    """Check options as qcow2_co_create_opts/qcow2_co_create do, in their
+    order (the QAPI visitor's enum refusals first); returns the settled
+    values."""
     compat = o.get("compat")
     if compat is None:
         version = 3
@@ -61,45 +60,55 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
         version = _COMPAT[compat]
     else:
         raise QimgError(f"Parameter 'version' does not accept value '{compat}'")
-    prealloc = o.get("preallocation") or "off"
+    # an empty value is one the QAPI enums do not accept either
+    prealloc = o.get("preallocation")
+    prealloc = "off" if prealloc is None else prealloc
     if prealloc not in _PREALLOC:
         raise QimgError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
-    ctype = o.get("compression_type") or "zlib"
+    ctype = o.get("compression_type")
+    ctype = "zlib" if ctype is None else ctype
     if ctype not in ("zlib", "zstd"):
         raise QimgError(f"Parameter 'compression-type' does not accept value '{ctype}'")
-    if o.get("encryption") or o.get("encrypt.format"):
-        if not o.get("encrypt.key-secret"):
-            raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
-        raise UnsupportedError("Creating encrypted qcow2 images is not supported yet")
+    if o.get("backing_fmt") == "":
+        raise QimgError("Parameter 'backing-fmt' does not accept value ''")
+    if o.get("encrypt.format") == "":
+        raise QimgError("Parameter 'format' does not accept value ''")
+    extl2 = bool(o.get("extended_l2"))
+    if extl2 and version < 3:
+        raise QimgError("Extended L2 entries are only supported with compatibility level 1.1 "
+                        "and above (use version=v3 or greater)")
     cluster_size = o.get("cluster_size", 65536)
     if cluster_size is None:
         cluster_size = 65536
     if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
         raise QimgError("Cluster size must be a power of two between 512 and 2048k")
+    if extl2 and cluster_size < 1 << 14:
+        raise QimgError("Extended L2 entries are only supported with cluster sizes of at least "
+                        "16384 bytes")
+    if o.get("backing_file") and prealloc != "off" and not extl2:
+        raise QimgError("Backing file and preallocation can only be used at the same time if extended_l2 is on")
+    if o.get("backing_fmt") and not o.get("backing_file"):
+        raise QimgError("Backing format cannot be used without backing file")
+    lazy = bool(o.get("lazy_refcounts"))
+    if version < 3 and lazy:
+        raise QimgError("Lazy refcounts only supported with compatibility level 1.1 and above "
+                        "(use version=v3 or greater)")
     refcount_bits = o.get("refcount_bits")
     if refcount_bits is None:
         refcount_bits = 16
     if refcount_bits > 64 or refcount_bits <= 0 or refcount_bits & (refcount_bits - 1):
         raise QimgError("Refcount width must be a power of two and may not exceed 64 bits")
-    lazy = bool(o.get("lazy_refcounts"))
     if version < 3 and refcount_bits != 16:
         raise QimgError("Different refcount widths than 16 bits require compatibility level 1.1 "
                         "or above (use version=v3 or greater)")
-    if version < 3 and lazy:
-        raise QimgError("Lazy refcounts only supported with compatibility level 1.1 and above "
-                        "(use version=v3 or greater)")
+    datafile.validate_create(o, version)
     if version < 3 and ctype != "zlib":
         raise QimgError("Non-zlib compression type is only supported with compatibility level 1.1 "
                         "and above (use version=v3 or greater)")
-    extl2 = bool(o.get("extended_l2"))
-    if extl2:
-        if version < 3:
-            raise QimgError("Extended L2 entries are only supported with compatibility level 1.1 "
-                            "and above (use version=v3 or greater)")
-        if cluster_size < 1 << 14:
-            raise QimgError("Extended L2 entries are only supported with cluster sizes of at least "
-                            "16384 bytes")
-    datafile.validate_create(o, version)
+    if o.get("encryption") or o.get("encrypt.format"):
+        if not o.get("encrypt.key-secret"):
+            raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
+        raise UnsupportedError("Creating encrypted qcow2 images is not supported yet")
     if o.get("data_file_raw") and prealloc == "off":
         # the raw data file must match the metadata: map every cluster
         prealloc = "metadata"
@@ -116,10 +125,33 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_image(filename: str, size: int, options: dict[str, Any]) -> None:
-    """Create a qcow2 image as qemu-img create does (see module doc)."""
-    from qimg.protocols.file import File
+    """Create a qcow2 image as qemu-img create does (see module doc).
 
-    v = _validate(size, options)
+    As qcow2_co_create_opts, the image file and then the data file are
+    created (emptied) before the options are checked, and any failure
+    deletes both again, even files that were there before."""
+    f = datafile.create_file(filename)
+    data_name = options.get("data_file")
+    data = None
+    try:
+        if data_name is not None:
+            data = datafile.create_file(data_name)
+            data.close()
+        v = _validate(size, options)
+        _write_image(f, filename, v)
+    except BaseException:
+        f.close()
+        for name in (filename, data_name if data is not None else None):
+            if name is not None:
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+        raise
+    f.close()
+
+
+def _write_image(f: "Any", filename: str, v: dict[str, Any]) -> None:
     cb = v["cluster_bits"]
     cs = 1 << cb
     h = H.QCowHeader(version=v["version"], cluster_bits=cb, refcount_table_offset=cs,
@@ -142,22 +174,15 @@ def create_image(filename: str, size: int, options: dict[str, Any]) -> None:
     h.backing_format = v["backing_fmt"] if v["backing_file"] else None
     # QEMU leaves the feature name table out of clusters of 4 KiB and less.
     first = h.pack(include_feature_table=cs > 4096)
-    with File(filename, read_only=False, create=True) as f:
-        if v["data_file"]:
-            try:
-                datafile.create_file(v["data_file"]).close()
-            except QimgError:
-                f.close()
-                os.unlink(filename)
-                raise
-        f.pwrite(0, first + bytes(cs - len(first)))
-        # Refcount table with one block at cluster 2, which counts clusters 0..2.
-        table = struct.pack(">Q", 2 * cs) + bytes(cs - 8)
-        block = bytearray(cs)
-        width = 1 << v["refcount_order"]
-        for i in range(3):
-            _set_refcount(block, i, 1, width)
-        f.pwrite(cs, table + bytes(block))
+    f.pwrite(0, first + bytes(cs - len(first)))
+    # Refcount table with one block at cluster 2, which counts clusters 0..2.
+    table = struct.pack(">Q", 2 * cs) + bytes(cs - 8)
+    block = bytearray(cs)
+    width = 1 << v["refcount_order"]
+    for i in range(3):
+        _set_refcount(block, i, 1, width)
+    f.pwrite(cs, table + bytes(block))
+    f.flush()
     if v["size"] == 0 and v["prealloc"] == "off":
         return
     _grow(filename, v["size"], v["prealloc"])
