@@ -164,6 +164,8 @@ class CopyJob:
         self.src_alignment = [max(1, (img.driver.cluster_size or 0) // SECTOR) for img in self.sources]
         #: bytes of guest data one qcow2 L2 table maps (0: not qcow2)
         self.src_table = [_l2_coverage(img) for img in self.sources]
+        #: bytes one block status answer covers at most (0: no limit)
+        self.src_unit = [_status_unit(img) for img in self.sources]
 
     @property
     def total_sectors(self) -> int:
@@ -173,6 +175,16 @@ class CopyJob:
     def alignment(self) -> int:
         """Zero detection's grid: pow2floor(min_sparse) sectors."""
         return 1 << (max(self.min_sparse, 1).bit_length() - 1)
+
+
+#: formats whose QEMU driver answers block status one block (vdi) or one
+#: cluster (qcow) at a time, whatever follows: each is a request of its own
+#: in qemu-img's convert (its progress steps and zero detection follow them)
+_STATUS_PER_CLUSTER = ("vdi", "qcow")
+
+
+def _status_unit(img: Image) -> int:
+    return (img.driver.cluster_size or 0) if img.format in _STATUS_PER_CLUSTER else 0
 
 
 def _l2_coverage(img: Image) -> int:
@@ -237,6 +249,9 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
                     flags, count, host, ztop = DATA, SECTOR, None, False
                     break
             status_sector, status_host, status_z = sector, host, ztop
+            unit = job.src_unit[src]
+            if unit:
+                count = min(count, unit - offset % unit)
             table = job.src_table[src]
             if table and flags & DATA and not flags & ZERO:
                 # QEMU's qcow2 answers for one L2 table's clusters at most:
