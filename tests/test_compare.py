@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
 from conftest import (FORCE_REMOVE_HINT, assert_same, make_bad_snapshot_table, make_image, needs_qemu, run_qemu,
                       run_qemu_io)
+from test_check_helpers import l2_pos
 
 
 @pytest.fixture
@@ -124,8 +126,6 @@ def long_images(tmp_path):
     """24 MiB images: several 2 MiB chunks in a row of each kind, a
     mismatch and a read error (a compressed cluster whose data is not
     deflate) past the first chunk of a run."""
-    import struct
-
     raw = make_image(tmp_path / "p.raw", "24M", "write -P 0x21 0 24M")
     shutil.copy(raw, tmp_path / "m.raw")
     run_qemu_io("-f", "raw", "-c", "write -P 0x22 13631493 3", str(tmp_path / "m.raw"))
@@ -134,12 +134,8 @@ def long_images(tmp_path):
     q = make_image(tmp_path / "bad.qcow2", "24M", "write -P 0x21 0 11M", "write -c -P 0x21 11M 64k",
                    "write -P 0x21 11328k 13248k", fmt="qcow2")
     with open(q, "r+b") as f:
-        f.seek(40)
-        l1_offset = struct.unpack(">Q", f.read(8))[0]
-        f.seek(l1_offset)
-        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
-        f.seek(l2_offset + 8 * (11 << 4))
-        f.write(struct.pack(">Q", 1 << 62))  # compressed, one sector at offset 0: the header
+        f.seek(l2_pos(Path(q), 0, 11 << 4))
+        f.write((1 << 62).to_bytes(8, "big"))  # compressed, one sector at offset 0: the header
     return str(tmp_path)
 
 

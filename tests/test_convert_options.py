@@ -10,10 +10,12 @@ import os
 import shutil
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import make_image, needs_qemu, run_qemu, run_qimg
+from test_check_helpers import l2_pos
 
 pytestmark = needs_qemu
 
@@ -151,11 +153,7 @@ def _damaged_compressed(tmp_path) -> str:
     path = str(tmp_path / "d.qcow2")
     assert run_qemu("convert", "-c", "-f", "raw", "-O", "qcow2", raw, path).returncode == 0
     with open(path, "r+b") as f:
-        head = f.read(104)
-        l1 = struct.unpack(">Q", head[40:48])[0]
-        f.seek(l1)
-        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
-        f.seek(l2 + 8)
+        f.seek(l2_pos(Path(path), 0, 1))
         entry = struct.unpack(">Q", f.read(8))[0]
         assert entry >> 62 == 1  # compressed
         f.seek(entry & ((1 << 54) - 1))  # host offset bits for 64k clusters
@@ -171,11 +169,7 @@ def _bad_block_status(tmp_path) -> str:
     make_image(path, "1M", "write -P 3 0 128k", "write -P 4 512k 64k", fmt="qcow2",
                extra=("-o", f"data_file={tmp_path / 'bs.data'}"))
     with open(path, "r+b") as f:
-        head = f.read(104)
-        l1 = struct.unpack(">Q", head[40:48])[0]
-        f.seek(l1)
-        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
-        f.seek(l2 + 8)
+        f.seek(l2_pos(Path(path), 0, 1))
         f.write(struct.pack(">Q", (1 << 62) | 0x30000))
     return path
 
