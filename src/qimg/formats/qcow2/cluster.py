@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 # numpy loads OpenBLAS, which starts a thread per core at import; we never
 # use BLAS, and under load those threads cost more CPU than our copy does.
@@ -18,6 +18,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from qimg.errors import QimgError
+from qimg.formats.qcow2.header import hx
 
 if TYPE_CHECKING:
     from qimg.protocols.file import File
@@ -45,6 +46,10 @@ INVALID = 6
 SUBCLUSTERS = 32
 ALL_ALLOC = (1 << 32) - 1
 ALL_ZEROES = ALL_ALLOC << 32
+
+def _refuse(what: str) -> NoReturn:
+    raise QimgError(what)
+
 
 #: bytes of L2 tables kept in memory (QEMU's default l2-cache-size is 32 MiB max)
 L2_CACHE_BYTES = 32 << 20
@@ -122,6 +127,9 @@ class ClusterMap:
         self._max_tables = max(16, L2_CACHE_BYTES >> cluster_bits)
         #: called before dirty L2 tables are written (refcounts go first)
         self.before_l2_flush: Callable[[], None] | None = None
+        #: a table or cluster offset that cannot be right: the driver's
+        #: qcow2_signal_corruption (it reports, and fails the request)
+        self.on_corruption: Callable[[str], NoReturn] = _refuse
 
     # ---- tables -------------------------------------------------------------
     def l2_offset(self, l1_index: int) -> int:
@@ -136,7 +144,8 @@ class ClusterMap:
             self._l2.move_to_end(l2_offset)
             return tab
         if l2_offset & (self.cluster_size - 1):
-            raise QimgError(f"L2 table offset {l2_offset:#x} unaligned")
+            l1_index = int(np.flatnonzero((self.l1 & np.uint64(L1E_OFFSET_MASK)) == np.uint64(l2_offset))[0])
+            self.on_corruption(f"L2 table offset {l2_offset:#x} unaligned (L1 index: {hx(l1_index)})")
         if len(self._l2) >= self._max_tables:
             self._evict()
         tab = np.frombuffer(self.file.pread(l2_offset, self.cluster_size), dtype=">u8").astype(np.uint64)
@@ -202,6 +211,15 @@ class ClusterMap:
             return np.zeros(count, dtype=np.uint64)
         return self.l2_bitmaps(off)[i:i + count]
 
+    def check_host(self, cluster_index: int, entry: int) -> None:
+        """A cluster's host offset must be cluster aligned (qcow2_get_host_offset)."""
+        host = entry & L2E_OFFSET_MASK
+        if host & (self.cluster_size - 1):
+            self.on_corruption(
+                f"Cluster allocation offset {host:#x} unaligned (L2 offset: "
+                f"{hx(self.l2_offset(cluster_index >> self.l2_bits))}, "
+                f"L2 index: {hx(cluster_index & (self.l2_size - 1))})")
+
     def subrun(self, sc_index: int, count: int) -> tuple[int, int, int]:
         """Extended L2: (subcluster type, n, L2 entry of the first cluster)
         of the longest run of subclusters from ``sc_index`` (at most
@@ -225,6 +243,8 @@ class ClusterMap:
             return INVALID, 1, ci
         if kind == COMPRESSED:
             return kind, min(limit, SUBCLUSTERS - sc), first
+        if kind in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC):
+            self.check_host(ci, first)
         other = np.flatnonzero(row[sc:] != kind)
         if len(other):
             return kind, min(limit, int(other[0])), first
@@ -291,6 +311,8 @@ class ClusterMap:
             if first is None:
                 first = int(ents[0])
                 kind = int(kinds[0])
+                if kind in (NORMAL, ZERO_ALLOC):
+                    self.check_host(cluster_index, first)
             same = kinds == kind
             if kind in (NORMAL, ZERO_ALLOC):
                 base = (first & L2E_OFFSET_MASK) + n * cs

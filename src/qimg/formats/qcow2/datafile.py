@@ -161,24 +161,9 @@ def create_file(name: str) -> "File":
 def compressed_entry(d: "Qcow2Driver", offset: int) -> None:
     """A compressed cluster cannot live in an external data file: the image
     is corrupt (qcow2_get_host_offset signals it); refuse the request."""
-    import errno
-    import os
-    import sys
+    from qimg.formats.qcow2.cluster import hx
 
     m = d.map
     ci = offset >> d.cluster_bits
-    what = (f"Compressed cluster entry found in image with external data file "
-            f"(L2 offset: {m.l2_offset(ci >> m.l2_bits):#x}, L2 index: {ci & (m.l2_size - 1):#x})")
-    h = d.header
-    if getattr(d, "_corruption_reported", False):
-        pass  # "further ... events will be suppressed"
-    elif d.read_only:
-        d._corruption_reported = True
-        sys.stderr.write(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events "
-                         f"will be suppressed\n")
-    elif not h.incompatible_features & H.INCOMPAT_CORRUPT:
-        d._write_incompat(h.incompatible_features | H.INCOMPAT_CORRUPT)
-        sys.stderr.write(f"qcow2: Marking image as corrupt: {what}; further corruption events "
-                         f"will be suppressed\n")
-    # an I/O error, as the commands report failed metadata lookups
-    raise OSError(errno.EIO, os.strerror(errno.EIO))
+    d.signal_corruption(f"Compressed cluster entry found in image with external data file "
+                        f"(L2 offset: {m.l2_offset(ci >> m.l2_bits):#x}, L2 index: {hx(ci & (m.l2_size - 1))})")

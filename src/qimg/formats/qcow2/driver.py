@@ -22,7 +22,7 @@ Create errors carry no "FILENAME: " prefix (the create command adds it).
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from qimg.block.driver import Driver
 from qimg.block.status import ALLOCATED, COMPRESSED as S_COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
@@ -102,6 +102,8 @@ class Qcow2Driver(Driver):
         #: check's to validate, read and repair
         self._check_mode = bool(options.get("check"))
         self._map: "ClusterMap | None" = None
+        #: qcow2_signal_corruption has spoken (it speaks once)
+        self._corruption_signaled = False
         self._refs: "Refcounts | None" = None
         self._modified = False
         self._set_dirty = False
@@ -337,6 +339,7 @@ class Qcow2Driver(Driver):
             h = self.header
             self._map = ClusterMap(self.file, h.cluster_bits, h.l1_table_offset, h.l1_size, h.extended_l2)
             self._map.before_l2_flush = self._flush_refs
+            self._map.on_corruption = self.signal_corruption
             self._map.data_file = self.data_file is not self.file
         return self._map
 
@@ -446,6 +449,36 @@ class Qcow2Driver(Driver):
             if h.compatible_features & H.COMPAT_LAZY_REFCOUNTS and not h.incompatible_features & H.INCOMPAT_DIRTY:
                 self._write_incompat(h.incompatible_features | H.INCOMPAT_DIRTY)
                 self._set_dirty = True
+
+    def report_corruption(self, what: str) -> None:
+        """qcow2_signal_corruption, for the fatal events QEMU signals: a
+        writable image is marked corrupt, a read-only one only told about
+        (a non-fatal event there); either is said once."""
+        import sys
+
+        h = self.header
+        if self._corruption_signaled and (self.read_only or h.incompatible_features & H.INCOMPAT_CORRUPT):
+            return
+        self._corruption_signaled = True
+        if self.read_only:
+            sys.stderr.write(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events "
+                             f"will be suppressed\n")
+            return
+        self._write_incompat(h.incompatible_features | H.INCOMPAT_CORRUPT)
+        # a version 2 header has no field for it: QEMU keeps it in memory
+        h.incompatible_features |= H.INCOMPAT_CORRUPT
+        sys.stderr.write(f"qcow2: Marking image as corrupt: {what}; further corruption events "
+                         f"will be suppressed\n")
+
+    def signal_corruption(self, what: str) -> NoReturn:
+        """Report the corruption; the request fails with EIO, so that each
+        command words it as qemu-img does ("Could not read file metadata:
+        ...", "error while reading ...")."""
+        import errno
+        import os
+
+        self.report_corruption(what)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     def _write_incompat(self, value: int) -> None:
         if self.header.version < 3:

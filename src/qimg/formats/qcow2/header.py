@@ -61,6 +61,11 @@ MAX_CLUSTER_BITS = 21
 MAX_BACKING_FILE_NAME = 1023
 
 
+def hx(v: int) -> str:
+    """C's %#x, as QEMU's messages print numbers: no 0x before a zero."""
+    return f"{v:#x}" if v else "0"
+
+
 @dataclass
 class Extension:
     type: int

@@ -24,7 +24,7 @@ from qimg.formats.qcow2 import compress as Z
 from qimg.formats.qcow2.cluster import (
     ALL_ALLOC, ALL_ZEROES, COMPRESSED, INVALID, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, UNALLOCATED, UNALLOCATED_ALLOC, ZERO_ALLOC, ZERO_PLAIN,
-    classify, classify_sub, sub_range_mask,
+    classify, classify_sub, hx, sub_range_mask,
 )
 
 if TYPE_CHECKING:
@@ -317,6 +317,9 @@ def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
             n = int(change[0]) if len(change) else len(ents)
             inplace_first = bool(inplace[0])
         if inplace_first:
+            if int(ents[0]) & L2E_OFFSET_MASK & (cs - 1):
+                d.signal_corruption(f"Data cluster offset {int(ents[0]) & L2E_OFFSET_MASK:#x} unaligned "
+                                    f"(guest offset: {hx(pos)})")
             kind, n, first = d.map.run(ci, n)
             seg_end = min(end, (ci + n) << cb)
             base = first & L2E_OFFSET_MASK
@@ -835,27 +838,8 @@ def invalid_entry(d: "Qcow2Driver", offset: int) -> None:
     the image is corrupt; the request fails with EIO (an OSError)."""
     m = d.map
     ci = offset >> d.cluster_bits
-    l2_off = m.l2_offset(ci >> m.l2_bits)
-    import sys
-
-    h = d.header
-    index = ci & (m.l2_size - 1)
-    # printf's %#x: no prefix for zero
-    what = (f"Invalid cluster entry found  (L2 offset: {l2_off:#x}, "
-            f"L2 index: {index:#x})" if index else
-            f"Invalid cluster entry found  (L2 offset: {l2_off:#x}, L2 index: 0)")
-    if d.read_only:
-        sys.stderr.write(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events "
-                         f"will be suppressed\n")
-    elif not h.incompatible_features & 2:
-        d._write_incompat(h.incompatible_features | 2)
-        sys.stderr.write(f"qcow2: Marking image as corrupt: {what}; further corruption events "
-                         f"will be suppressed\n")
-    # an I/O error, so that each command words it as qemu-img does
-    # ("Could not read file metadata: ...", "error while reading ...")
-    import errno
-
-    raise OSError(errno.EIO, "Input/output error")
+    d.signal_corruption(f"Invalid cluster entry found  (L2 offset: {m.l2_offset(ci >> m.l2_bits):#x}, "
+                        f"L2 index: {hx(ci & (m.l2_size - 1))})")
 
 
 def _read_ext(d: "Qcow2Driver", offset: int, length: int, through: bool) -> bytes:
@@ -922,6 +906,9 @@ def _write_ext(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
         inplace = (classify(ents, m.data_file) == NORMAL) & ((ents & _U64(QCOW_OFLAG_COPIED)) != 0)
         keep = bool(inplace[0])
         same = inplace == keep
+        if keep and int(ents[0]) & L2E_OFFSET_MASK & (cs - 1):
+            d.signal_corruption(f"Data cluster offset {int(ents[0]) & L2E_OFFSET_MASK:#x} unaligned "
+                                f"(guest offset: {hx(pos)})")
         if keep:
             hosts = ents & _U64(L2E_OFFSET_MASK)
             same &= hosts == hosts[0] + np.arange(len(ents), dtype=_U64) * _U64(cs)

@@ -228,6 +228,13 @@ def block_status_runs(driver: object, offset: int, length: int) -> Iterator[Exte
                 continue
             if first > cluster:
                 yield from runs.add(UNALLOCATED, cluster, first - cluster, 0)
+            if kind & 1 and host & (cs - 1):
+                # an unaligned host cluster is corruption, which the
+                # generic path reports as QEMU does
+                if runs.count:
+                    yield runs.extent()
+                yield max(first, first_cluster) + 1 << cb
+                return
             yield from runs.add(kind, first, count, host)
             cluster = first + count
     if stop is not None:

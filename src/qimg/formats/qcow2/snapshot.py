@@ -33,6 +33,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from qimg.errors import QimgError
+from qimg.formats.qcow2.header import hx
 from qimg.record import dataclass
 
 if TYPE_CHECKING:
@@ -364,19 +365,9 @@ def _add_refs(d: "Qcow2Driver", idx: "np.ndarray", counts: "np.ndarray", addend:
     return idx[new == 0]
 
 
-def _hx(v: int) -> str:
-    """C's %#x: no 0x before a zero."""
-    return f"{v:#x}" if v else "0"
-
-
 def _corrupt(d: "Qcow2Driver", message: str) -> None:
     """qcow2_signal_corruption: mark the image corrupt, say why, fail with EIO."""
-    import sys
-
-    h = d.header
-    if not h.incompatible_features & 2 and h.version >= 3:
-        d._write_incompat(h.incompatible_features | 2)
-        sys.stderr.write(f"qcow2: Marking image as corrupt: {message}; further corruption events will be suppressed\n")
+    d.report_corruption(message)
     raise SnapshotErrno(5)
 
 
@@ -475,7 +466,7 @@ def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
     l2_offsets = (l1[used] & u64(C.L1E_OFFSET_MASK))
     bad = np.flatnonzero((l2_offsets & u64(cs - 1)) != 0)
     if len(bad):
-        _corrupt(d, f"L2 table offset {_hx(int(l2_offsets[bad[0]]))} unaligned (L1 index: {_hx(int(used[bad[0]]))})")
+        _corrupt(d, f"L2 table offset {hx(int(l2_offsets[bad[0]]))} unaligned (L1 index: {hx(int(used[bad[0]]))})")
     if addend:
         # QEMU's order of reference updates: each L2 table's entries, then
         # the table itself; a refused update stops there, keeping the ones
@@ -488,8 +479,8 @@ def update_snapshot_refcount(d: "Qcow2Driver", l1: "np.ndarray", addend: int,
             plain = tab[pi] & u64(C.L2E_OFFSET_MASK)
             bad = np.flatnonzero((plain & u64(cs - 1)) != 0)
             if len(bad):
-                _corrupt(d, f"Cluster allocation offset {_hx(int(plain[bad[0]]))} unaligned "
-                            f"(L2 offset: {_hx(off)}, L2 index: {_hx(int(pi[bad[0]]))})")
+                _corrupt(d, f"Cluster allocation offset {hx(int(plain[bad[0]]))} unaligned "
+                            f"(L2 offset: {hx(off)}, L2 index: {hx(int(pi[bad[0]]))})")
             js, cls = [pi], [plain >> u64(cb)]
             ci = np.flatnonzero(kinds == C.COMPRESSED)
             if len(ci):
