@@ -173,6 +173,29 @@ def test_create_qcow2_same_as_qemu(tmp_path, seed, args):
     assert_create_same(tmp_path, seed, *args)
 
 
+# Formats that take the file protocol's preallocation option through, and
+# qcow's encryption options, each refused at its point in qemu's order.
+PASSTHROUGH_CASES = [
+    ["-f", fmt, "-o", opts, "x." + fmt, size]
+    for fmt in ("qed", "qcow")
+    for opts in ("preallocation=bogus", "preallocation=metadata", "preallocation=full",
+                 "preallocation=bogus,backing_fmt=foo", "preallocation=bogus,cluster_size=3")
+    for size in ("1M", "0")
+] + [
+    ["-f", "qcow", "-o", opts, "x.qcow", size]
+    for opts in ("encrypt.format=foo", "encrypt.format=luks", "encrypt.format=qcow", "encrypt.format=aes",
+                 "encryption=on,encrypt.format=aes", "encryption=on,encrypt.format=luks,preallocation=bogus",
+                 "encryption=off,encrypt.format=aes", "encrypt.format=foo,preallocation=bogus")
+    for size in ("1M", "0")
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("args", PASSTHROUGH_CASES, ids=lambda a: " ".join(a))
+def test_create_option_order_same_as_qemu(tmp_path, seed, args):
+    assert_create_same(tmp_path, seed, *args)
+
+
 # ---- the library ------------------------------------------------------------------
 
 

@@ -72,20 +72,25 @@ class QcowDriver(Driver):
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
         from qimg.formats import FORMATS
+        from qimg.formats.raw import RawDriver
 
         backing_fmt = options.get("backing_fmt")
         # qcow cannot store a backing format, but it must name a known one
         if backing_fmt is not None and backing_fmt not in FORMATS:
             raise QimgError(f"unrecognized backing format '{backing_fmt}'")
-        encrypt = options.get("encryption") or options.get("encrypt.format") is not None
         fmt = options.get("encrypt.format")
-        if fmt is not None and fmt != "aes":
-            raise QimgError(f"Invalid parameter '{fmt}'")
+        if options.get("encryption") and fmt is not None:
+            raise QimgError("'encrypt.format' and its alias 'encryption' can't be used at the same time")
+        # the file protocol (with its preallocation option) comes next
+        RawDriver.create(filename, 0, {"preallocation": options.get("preallocation")})
+        if fmt is not None and fmt not in ("aes", "qcow", "luks"):
+            raise QimgError(f"Parameter 'format' does not accept value '{fmt}'")
         size = (size + SECTOR - 1) // SECTOR * SECTOR
-        File(filename, read_only=False, create=True).close()
         if size == 0:
             raise QimgError("Image size is too small, cannot be zero length")
-        if encrypt:
+        if fmt == "luks":
+            raise QimgError("Unsupported encryption format")
+        if options.get("encryption") or fmt is not None:
             if not options.get("encrypt.key-secret"):
                 raise QimgError(KEY_REQUIRED)
             # the legacy AES-CBC scheme is insecure; we never write it

@@ -9,6 +9,7 @@ from typing import Any
 from qimg.block.options import SIZE, STRING, OptionSpec
 from qimg.errors import QimgError
 from qimg.formats.qed import header as H
+from qimg.formats.raw import RawDriver
 from qimg.protocols.file import File
 
 CREATE_OPTS = [
@@ -31,8 +32,9 @@ BLOCK_DRIVERS = frozenset(
 
 
 def create_image(filename: str, size: int, options: dict[str, Any]) -> None:
-    # the file protocol creates (and empties) the file before QED validates
-    File(filename, read_only=False, create=True).close()
+    # the file protocol creates (and empties) the file, with its own
+    # preallocation option, before QED validates
+    RawDriver.create(filename, 0, {"preallocation": options.get("preallocation")})
     backing_fmt = options.get("backing_fmt")
     if backing_fmt is not None and backing_fmt not in BLOCK_DRIVERS:
         raise QimgError(f"Parameter 'backing-fmt' does not accept value '{backing_fmt}'")
