@@ -421,6 +421,20 @@ def test_progress_compressed_source(tmp_path, big):
     _same_image(mine, theirs, "raw")
 
 
+@pytest.mark.parametrize("base_fmt", ["vdi", "qcow"])
+def test_progress_over_block_at_a_time_backing(tmp_path, base_fmt):
+    # QEMU's vdi and qcow drivers answer block status one block/cluster at
+    # a time, in a backing layer too: -p steps there follow those answers
+    base = make_image(tmp_path / f"base.{base_fmt}", "8M", "write -P 1 0 3M", "write -P 2 5M 1M", fmt=base_fmt)
+    top = str(tmp_path / "top.qcow2")
+    assert run_qemu("create", "-f", "qcow2", "-b", base, "-F", base_fmt, top).returncode == 0
+    from conftest import qemu_io_cmds
+
+    qemu_io_cmds(top, "qcow2", "write -P 3 1M 64k")
+    mine, theirs = _twins(tmp_path, ["-p", "-f", "qcow2"], "raw", top)
+    _same_image(mine, theirs, "raw")
+
+
 # ---- -l ------------------------------------------------------------------------------
 
 @pytest.fixture

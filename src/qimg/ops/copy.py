@@ -95,6 +95,9 @@ def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple
         if offset >= p.size:
             flags = ZERO | ALLOCATED
             break
+        unit = _status_unit(p)
+        if unit:
+            pnum = min(pnum, unit - offset % unit)
         ext = p.block_status(offset, pnum)
         flags, pnum = ext.flags & ~RECURSE, ext.length
         if ext.allocated:
