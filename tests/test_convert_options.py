@@ -470,3 +470,20 @@ def test_convert_snapshot_param(tmp_path, snapshots, param):
 def test_measure_snapshot_param(snapshots, param):
     _same_result(run_qimg("measure", "-l", param, "-O", "qcow2", snapshots),
                  run_qemu("measure", "-l", param, "-O", "qcow2", snapshots))
+
+
+@pytest.mark.parametrize("params", [
+    ["snapshot.id=1,id=x", "snapshot.id=2,id=x"],  # refused: one QemuOpts id, twice
+    ["snapshot.id=1,id=x", "snapshot.id=2,id=y"],
+    ["snapshot.id=1,id=x", "snap"],
+    ["id=x", "id=x"],  # not snapshot.*: a name, twice
+])
+@pytest.mark.parametrize("command", ["convert", "measure"])
+def test_snapshot_param_ids_across_options(tmp_path, snapshots, command, params):
+    args = [a for p in params for a in ("-l", p)]
+    if command == "convert":
+        mine, theirs = _twins(tmp_path, [*args, "-f", "qcow2"], "raw", snapshots)
+        assert os.path.exists(mine) == os.path.exists(theirs)
+    else:
+        _same_result(run_qimg("measure", *args, "-O", "qcow2", snapshots),
+                     run_qemu("measure", *args, "-O", "qcow2", snapshots))

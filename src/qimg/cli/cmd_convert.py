@@ -69,6 +69,7 @@ def run(prog: str, argv: list[str]) -> int:
     sparse_size = 4096
     explicit_sparse = False
     coroutines, rate_limit = 8, 0
+    snapshot_ids: set[str] = set()
     for opt, val in opts:
         if common.apply_common(opt, val, shared):
             continue
@@ -87,7 +88,7 @@ def run(prog: str, argv: list[str]) -> int:
                 raise QimgError(f"Invalid option list: {val}")
             options = val if options is None else f"{options},{val}"
         elif opt == "-l":
-            sn = common.parse_snapshot_param(prog, val)
+            sn = common.parse_snapshot_param(prog, val, snapshot_ids)
             snapshot = (sn.snapshot_id, sn.name, sn.exact)
         elif opt == "-S":
             sparse_size = cvtnum("buffer size for sparse output", val)

@@ -50,6 +50,7 @@ def run(prog: str, argv: list[str]) -> int:
     snapshot: SnapshotParam | None = None
     size: int | None = None
     output = "human"
+    snapshot_ids: set[str] = set()
     for opt, val in opts:
         if apply_common(opt, val, common):
             continue
@@ -59,7 +60,7 @@ def run(prog: str, argv: list[str]) -> int:
             # repeated -o options accumulate, as accumulate_options does
             options = val if options is None else f"{options},{val}"
         elif opt == "-l":
-            snapshot = parse_snapshot_param(prog, val)
+            snapshot = parse_snapshot_param(prog, val, snapshot_ids)
         elif opt == "--size":
             size = cvtnum("image size", val)
         elif opt == "--output":

@@ -248,12 +248,13 @@ def _identifier(text: str) -> bool:
         c.isascii() and (c.isalnum() or c in "-._") for c in text)
 
 
-def parse_snapshot_param(prog: str, text: str) -> SnapshotParam:
+def parse_snapshot_param(prog: str, text: str, ids: set[str]) -> SnapshotParam:
     """Parse ``-l`` as qemu-img does while reading its options: a value
     starting with ``snapshot.`` is a QemuOpts list of snapshot.id and
     snapshot.name (qemu_opts_parse_noisily: an ``id=`` is checked first,
     then each item in turn, ``help`` printing the list's options), anything
-    else an ID or a name."""
+    else an ID or a name.  ``ids``: the ``id=`` values earlier ``-l``
+    options of the command gave (QemuOpts refuses one given twice)."""
     if not text.startswith("snapshot."):
         return SnapshotParam(text)
     failed = f"Failed in parsing snapshot param '{text}'"
@@ -263,6 +264,10 @@ def parse_snapshot_param(prog: str, text: str) -> SnapshotParam:
         sys.stderr.write(f"{prog}: Parameter 'id' expects an identifier\n"
                          "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n")
         raise QimgError(failed)
+    if opts_id is not None:
+        if opts_id in ids:
+            raise QimgError(f"Duplicate ID '{opts_id}' for snapshot\n{failed}")
+        ids.add(opts_id)
     found = SnapshotParam(None, None, True)
     for name, value, flag in _opt_items(text):
         if flag is not None and flag in ("help", "?"):
