@@ -100,8 +100,9 @@ def test_bad_rate_limit(tmp_path, src, value):
 
 
 def test_rate_limit_slows_the_copy(tmp_path):
-    # 3 MiB of data are two requests (2 MiB, 1 MiB): the second waits for
-    # the first one's 2 MiB at 2 MiB/s, as qemu-img's does
+    # 3 MiB of data are two writes (2 MiB, 1 MiB): the second waits until
+    # the first one's 2 MiB have leaked down to 0.2 MiB at 2 MiB/s (0.9 s),
+    # as qemu-img's throttle does
     src = make_image(tmp_path / "r.raw", "8M", "write -P 1 0 3M")
     out = str(tmp_path / "out.raw")
     start = time.monotonic()
@@ -110,6 +111,19 @@ def test_rate_limit_slows_the_copy(tmp_path):
     assert p.returncode == 0, p.stderr
     assert took >= 0.9
     assert run_qemu("compare", "-f", "raw", "-F", "raw", src, out).returncode == 0
+
+
+def test_rate_limit_counts_written_bytes(tmp_path):
+    # -r throttles the target's writes: 16 MiB that read as zeroes write
+    # nothing to a new qcow2, so at 1 MiB/s the copy still takes no time
+    # (a limit on reads would hold it for 15 s)
+    src = make_image(tmp_path / "z.raw", "16M", "write -P 0 0 16M")
+    out = str(tmp_path / "out.qcow2")
+    start = time.monotonic()
+    p = run_qimg("convert", "-r", "1M", "-f", "raw", "-O", "qcow2", src, out)
+    assert time.monotonic() - start < 8
+    assert p.returncode == 0, p.stderr
+    assert run_qemu("compare", "-f", "raw", "-F", "qcow2", src, out).returncode == 0
 
 
 # ---- -C --------------------------------------------------------------------

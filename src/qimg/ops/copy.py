@@ -153,8 +153,10 @@ class CopyJob:
     salvage: bool = False
     #: prints a warning line (None: -q, no warnings)
     warn: Callable[[str], None] | None = None
-    #: -r: bytes per second read for data, 0 for no limit
+    #: -r: bytes per second written to the target, 0 for no limit
     rate_limit: int = 0
+    #: -r's throttle, made when the copy starts
+    limiter: "_RateLimit | None" = None
     #: -m: requests in flight at most
     coroutines: int = 8
     src_sectors: list[int] = field(default_factory=list)
@@ -546,7 +548,7 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
 
 def _copy_chunks(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahead: int,
                  bufs: "_BufferPool | None", writer: "_SerialWriter | None", count: Callable[[Chunk], None]) -> None:
-    limiter = _RateLimit(job.rate_limit) if job.rate_limit else None
+    job.limiter = _RateLimit(job.rate_limit) if job.rate_limit else None
     with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, job.coroutines))) as pool:
         try:
             pending: deque[tuple[list[Chunk], Future | None]] = deque()
@@ -562,14 +564,7 @@ def _copy_chunks(job: CopyJob, chunks, locks: list, compressor, direct: bool, ah
                         break
                     group = [chunk]
                     fut = None
-                    if chunk.status == BLK_DATA and limiter is not None:
-                        # one request at a time, each waiting for its turn
-                        limiter.wait(chunk.sectors * SECTOR)
-                        if compressor is not None:
-                            fut = pool.submit(_compress_group, job, group, locks, compressor)
-                        else:
-                            fut = pool.submit(_produce, job, group, locks, direct, bufs, _offload(job, chunk))
-                    elif chunk.status == BLK_DATA:
+                    if chunk.status == BLK_DATA:
                         if compressor is not None:
                             # a few clusters per task: fewer hand-overs
                             carry, exhausted = _extend_group(group, it, COMPRESS_BATCH * chunk.sectors * SECTOR,
@@ -695,6 +690,7 @@ def _copy_range(job: CopyJob, chunk: Chunk) -> bool:
     if not hasattr(src, "copy_range_to") or not hasattr(dst, "fd"):
         job.copy_range = False
         return False
+    _throttle(job, chunk.sectors * SECTOR)
     try:
         src.copy_range_to(chunk.host, dst, chunk.sector * SECTOR, chunk.sectors * SECTOR)
     except OSError:
@@ -873,24 +869,39 @@ def _emit_warnings(job: CopyJob, group: list[Chunk]) -> None:
 
 
 class _RateLimit:
-    """-r: a request waits until the ones before it would have taken
-    their share of time at ``rate`` bytes per second (the first one goes at
-    once, so a copy takes (data - last request) / rate, as qemu-img's)."""
+    """-r: qemu-img throttles the target's writes (bps-write, a leaky
+    bucket without a burst size): a write goes once the bucket has leaked
+    down to a tenth of a second's worth, then adds its bytes to it."""
 
     def __init__(self, rate: int) -> None:
+        import threading
         import time
 
         self.rate = rate
         self._clock = time.monotonic
         self._sleep = time.sleep
-        self.next_time = self._clock()
+        self._lock = threading.Lock()
+        self.level = 0.0
+        self.when = self._clock()
+
+    def _leak(self) -> None:
+        now = self._clock()
+        self.level = max(0.0, self.level - (now - self.when) * self.rate)
+        self.when = now
 
     def wait(self, nbytes: int) -> None:
-        now = self._clock()
-        if self.next_time > now:
-            self._sleep(self.next_time - now)
-            now = self.next_time
-        self.next_time = now + nbytes / self.rate
+        with self._lock:
+            self._leak()
+            extra = self.level - self.rate / 10
+            if extra > 0:
+                self._sleep(extra / self.rate)
+                self._leak()
+            self.level += nbytes
+
+
+def _throttle(job: CopyJob, nbytes: int) -> None:
+    if job.limiter is not None:
+        job.limiter.wait(nbytes)
 
 
 def _read_chunk_raw(job: CopyJob, chunk: Chunk, locks: list,
@@ -999,6 +1010,7 @@ def _write_chunk_raw(job: CopyJob, chunk: Chunk, data, compressor) -> None:
         return
     if chunk.status == BLK_ZERO:
         if not job.has_zero_init:
+            _throttle(job, length)
             target.write_zeroes(offset, length, unmap=True)
         return
     if compressor is not None:
@@ -1019,6 +1031,8 @@ def _write_runs(job: CopyJob, chunk: Chunk, data, runs: list[tuple[int, int, boo
     for first, count, is_data in runs:
         start = first * SECTOR
         end = start + count * SECTOR
+        if is_data or not job.has_zero_init:
+            _throttle(job, end - start)
         if is_data:
             _write_data(target, offset + start, view[start:end] if count != chunk.sectors else data)
         elif not job.has_zero_init:
@@ -1090,12 +1104,16 @@ class _Compressor:
             if self.sparse and is_zero(data):
                 self._zero(job, offset, len(data))
             else:
+                _throttle(job, len(data))
                 job.target.write_compressed(offset, bytes(data))
             return
         data, compressed, zero = result
         if zero:
             self._zero(job, offset, len(data))
-        elif compressed is None:
+            return
+        # a compressed write counts its guest bytes
+        _throttle(job, len(data))
+        if compressed is None:
             # incompressible: qcow2 stores such a cluster uncompressed
             job.target.write(offset, bytes(data))
         else:
@@ -1104,6 +1122,7 @@ class _Compressor:
     @staticmethod
     def _zero(job: CopyJob, offset: int, length: int) -> None:
         if not job.has_zero_init:
+            _throttle(job, length)
             job.target.write_zeroes(offset, length, unmap=True)
 
 
