@@ -176,3 +176,52 @@ def test_map_preallocated_any_refcount_width(tmp_path, bits):
     _qemu(d, "create", "-q", "-f", "qcow2", "-o", f"refcount_bits={bits},preallocation=metadata", "p.qcow2", "300M")
     run_qemu_io("-c", "write -P 1 1M 64k", "p.qcow2", cwd=d)
     assert_same(["map", "--output=json", "p.qcow2"], d)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_light_entry_runs_equal_vectorized(seed):
+    """The numpy-free classification of L2 tables gives the runs the
+    vectorized one gives, once neighbours are merged as the scan merges
+    them: every entry type, host steps that break runs, tables that
+    are neighbours and tables that are not."""
+    import random
+    import struct
+
+    from qimg.formats.qcow2 import scan
+
+    rng = random.Random(seed)
+    cb = 12
+    n = (1 << cb) // 8
+    host = 1 << 20
+    entries = []
+    for _ in range(3 * n):
+        kind = rng.choice(["unalloc", "zero", "data", "data", "data", "zero_alloc", "compressed", "jump"])
+        if kind == "unalloc":
+            e = 0
+        elif kind == "zero":
+            e = 1
+        elif kind == "compressed":
+            e = (1 << 62) | rng.randrange(1 << 40)
+        else:
+            if kind == "jump":
+                host += rng.randrange(1, 8) << cb
+            e = (1 << 63) | host | (1 if kind == "zero_alloc" else 0)
+            host += 1 << cb
+        entries.append(e)
+    buf = memoryview(struct.pack(f">{len(entries)}Q", *entries))
+    rows = [4, 5, 9]
+
+    def merged(runs):
+        out = []
+        for kind, first, count, h in runs:
+            if out and out[-1][0] == kind and out[-1][1] + out[-1][2] == first and (
+                    not kind & 1 or h == out[-1][3] + (out[-1][2] << cb)):
+                out[-1] = (kind, out[-1][1], out[-1][2] + count, out[-1][3])
+            else:
+                out.append((kind, first, count, h if kind & 1 else 0))
+        return out
+
+    light = scan._entry_runs_light(rows, buf, cb)
+    vectorized = scan._entry_runs(rows, scan._native(bytearray(buf), 1 << cb).ravel(), cb)
+    assert merged(light) == merged(vectorized)
+    assert sum(c for _, _, c, _ in light) == len(rows) * n

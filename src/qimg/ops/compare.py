@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from qimg.block.image import Image, open_image
 from qimg.block.status import ALLOCATED, COMPRESSED, ZERO
 from qimg.errors import QimgError
-from qimg.ops.copy import SECTOR, block_status_above, read_error
+from qimg.ops.copy import SECTOR, block_status_above, direct_host, read_error
 from qimg.ops.progress import FloatAccumulator
 from qimg.record import dataclass
 
@@ -45,11 +45,17 @@ class _Mismatch(Exception):
         self.offset = offset
 
 
+#: zeroes to compare a chunk with (memcmp speed, and no numpy to import)
+_ZEROES = bytes(CHUNK)
+
+
 def _first_nonzero(buf: bytes) -> int:
     """Offset of the first sector holding a non-zero byte, or -1."""
+    n = len(buf)
+    if n <= CHUNK and buf == _ZEROES[:n]:
+        return -1
     import numpy as np
 
-    n = len(buf)
     whole = n // SECTOR * SECTOR
     if whole:
         nz = np.frombuffer(buf, dtype=np.uint64, count=whole // 8).reshape(-1, SECTOR // 8).any(axis=1)
@@ -78,9 +84,10 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return whole
 
 
-def _read(img: Image, offset: int, length: int, name: str) -> bytes:
+def _read(img: Image, offset: int, length: int, name: str, host: int | None = None) -> bytes:
+    """Guest bytes; ``host``: where they lie in the image's data file."""
     try:
-        data = img.read(offset, length)
+        data = img.read(offset, length) if host is None else img.driver.data_node.pread(host, length)
     except (OSError, QimgError) as e:
         reason = read_error(e)
         if reason is None:
@@ -174,6 +181,11 @@ class _KnownStatus:
         self.reuse = img.backing is None and img.format in ("raw", "qcow2")
         self.start = self.end = 0
         self.flags = 0
+        #: the run's data file offset, where it is plain data read straight from there
+        self.host: int | None = None
+        #: qcow2 answers in bulk (formats/qcow2/scan.py: no cluster map, and
+        #: no numpy, for an image of a few L2 tables)
+        self.bulk = img.layer_status(0, img.size) if self.reuse and img.format == "qcow2" else None
         # QEMU's qcow2 answers for one L2 table's clusters at most, and for
         # one compressed cluster at a time: the chunks (and so the progress
         # steps) end there
@@ -186,25 +198,46 @@ class _KnownStatus:
     def status(self, offset: int, length: int, name: str, lock: threading.Lock) -> tuple[int, int]:
         """The run at ``offset``; the image is locked only when its
         driver must be asked (reads of it run in other threads)."""
-        if self.reuse and self.start <= offset < self.end:
-            flags, pnum = self.flags, self.end - offset
-        else:
+        if not (self.reuse and self.start <= offset < self.end):
             with lock:
-                flags, pnum = _status(self.img, offset, length, name)
-            self.start, self.end, self.flags = offset, offset + pnum, flags
+                if self.bulk is not None:
+                    self._next_run(offset, name)
+                else:
+                    flags, pnum = _status(self.img, offset, length, name)
+                    self.start, self.end, self.flags, self.host = offset, offset + pnum, flags, None
+        flags, pnum = self.flags, self.end - offset
         if self.table:
             unit = self.cluster if flags & COMPRESSED else self.table
             pnum = min(pnum, unit - offset % unit)
         return flags, pnum
 
+    def _next_run(self, offset: int, name: str) -> None:
+        """The bulk answer's run that holds ``offset``."""
+        try:
+            ext = next(self.bulk, None)  # type: ignore[arg-type]
+            while ext is not None and ext.length > 0 and ext.offset + ext.length <= offset:
+                ext = next(self.bulk, None)  # type: ignore[arg-type]
+        except OSError:
+            raise QimgError(f"Sector allocation test failed for {name}", STATUS_ERROR) from None
+        if ext is None or ext.length <= 0 or ext.offset > offset:
+            raise QimgError(f"Sector allocation test failed for {name}", STATUS_ERROR)
+        self.start, self.end, self.flags = ext.offset, ext.offset + ext.length, ext.flags
+        self.host = direct_host(self.img, ext)
+
+    def host_at(self, offset: int) -> int | None:
+        return None if self.host is None else self.host + offset - self.start
+
 
 def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: bool,
-          locks: tuple[threading.Lock, threading.Lock]) -> Iterator[tuple[str, int, int, QimgError | None]]:
+          locks: tuple[threading.Lock, threading.Lock]
+          ) -> Iterator[tuple[str, int, int, QimgError | None, int | None, int | None]]:
     """img_compare's walk over the common part: (what to do, offset, length,
     error) per chunk.  What to do: "skip", "both" (compare the two),
     "empty1"/"empty2" (only that image has data: it must read as zeroes),
     "strict" (a block status mismatch) or "error" (a block status failed;
-    reported when the walk gets there, after the chunks before it)."""
+    reported when the walk gets there, after the chunks before it), and
+    where each image's chunk lies in its data file when it can be read
+    straight from there."""
     size1, size2 = img1.size, img2.size
     known1, known2 = _KnownStatus(img1), _KnownStatus(img2)
     offset = 0
@@ -213,13 +246,13 @@ def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: 
             status1, pnum1 = known1.status(offset, size1 - offset, name1, locks[0])
             status2, pnum2 = known2.status(offset, size2 - offset, name2, locks[1])
         except QimgError as e:
-            yield "error", offset, 0, e
+            yield "error", offset, 0, e, None, None
             return
         allocated1 = status1 & ALLOCATED
         allocated2 = status2 & ALLOCATED
         chunk = min(pnum1, pnum2)
         if strict and status1 != status2:
-            yield "strict", offset, 0, None
+            yield "strict", offset, 0, None, None, None
             return
         kind = "skip"
         if status1 & ZERO and status2 & ZERO:
@@ -231,7 +264,7 @@ def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: 
         else:
             chunk = min(chunk, CHUNK)
             kind = "empty1" if allocated1 else "empty2"
-        yield kind, offset, chunk, None
+        yield kind, offset, chunk, None, known1.host_at(offset), known2.host_at(offset)
         offset += chunk
 
 
@@ -248,8 +281,10 @@ def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int
     lock = threading.Lock()
     locks = (lock, lock if img2 is img1 else threading.Lock())
 
-    def read(i: int, offset: int, length: int) -> bytes:
+    def read(i: int, offset: int, length: int, host: int | None) -> bytes:
         img, name = (img1, name1) if i == 0 else (img2, name2)
+        if host is not None:
+            return _read(img, offset, length, name, host)
         with locks[i]:
             return _read(img, offset, length, name)
 
@@ -275,9 +310,9 @@ def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int
         advance(chunk)
         return None
 
-    for kind, offset, chunk, err in _plan(img1, img2, name1, name2, total, strict, locks):
-        f1 = pool.submit(read, 0, offset, chunk) if kind in ("both", "empty1") else None
-        f2 = pool.submit(read, 1, offset, chunk) if kind in ("both", "empty2") else None
+    for kind, offset, chunk, err, host1, host2 in _plan(img1, img2, name1, name2, total, strict, locks):
+        f1 = pool.submit(read, 0, offset, chunk, host1) if kind in ("both", "empty1") else None
+        f2 = pool.submit(read, 1, offset, chunk, host2) if kind in ("both", "empty2") else None
         pending.append((kind, offset, chunk, err, f1, f2))
         if len(pending) > AHEAD:
             found = finish()

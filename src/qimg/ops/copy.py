@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from qimg.block.image import Image
-from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO
+from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
 from qimg.errors import QimgError
 from qimg.ops.zeroes import classify, is_zero, nonzero_sectors, runs_of
 from qimg.protocols.file import keep_freed_buffers
@@ -66,6 +66,18 @@ def block_status_above(img: Image, offset: int, length: int, top_only: bool = Fa
 _DIRECT_FORMATS = ("raw", "qcow2")
 
 
+def direct_host(img: Image, ext: Extent) -> int | None:
+    """Where this layer's extent can be read straight from its data file
+    (plain data of a raw or qcow2 image), else None."""
+    if (
+        ext.flags & (DATA | ZERO | OFFSET_VALID | COMPRESSED) == DATA | OFFSET_VALID
+        and img.format in _DIRECT_FORMATS
+        and ext.file == img.driver.data_node.filename
+    ):
+        return ext.host_offset
+    return None
+
+
 def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple[int, int, int | None, bool]:
     """block_status_above, plus the host offset when the run is plain data
     of the top layer that can be read straight from its data file, and
@@ -75,13 +87,7 @@ def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple
     flags, pnum = ext.flags & ~RECURSE, ext.length
     below = img.backing
     if pnum == 0 or ext.allocated or below is None:
-        host = None
-        if (
-            flags & (DATA | ZERO | OFFSET_VALID | COMPRESSED) == DATA | OFFSET_VALID
-            and img.format in _DIRECT_FORMATS
-            and ext.file == img.driver.data_node.filename
-        ):
-            host = ext.host_offset
+        host = direct_host(img, ext)
         ztop = bool(flags & COMPRESSED and flags & ALLOCATED) and img.format == "qcow2"
         return flags, pnum, host, ztop
     if top_only:

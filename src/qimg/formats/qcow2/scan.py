@@ -53,6 +53,10 @@ BATCH_BYTES = 4 << 20
 SMALL_L1 = 1 << 16
 #: L2 tables a scan checks without numpy (see block_status_runs)
 LIGHT_TABLES = 1024
+#: entries of tables that are not one run a scan classifies one by one in
+#: Python, at about 200 ns each, before it takes numpy, whose import costs
+#: what some 2**17 of them do
+LIGHT_ENTRIES = 1 << 16
 
 
 def _read_into(file: "File", offsets: list[int], table_size: int, view: memoryview) -> None:
@@ -219,11 +223,12 @@ def block_status_runs(driver: object, offset: int, length: int) -> Iterator[Exte
     # one_run costs about a microsecond per KiB of table; past a few
     # hundred tables numpy's import pays for itself
     vectorized = len(l1_index) > LIGHT_TABLES or "numpy" in sys.modules
+    light = [LIGHT_ENTRIES]  # what is left of the entries Python may classify
     for b in range(0, len(l1_index), per_batch):
         rows = l1_index[b:b + per_batch]
         view = memoryview(buf)[:len(rows) * cs]
         _read_into(file, offsets[b:b + per_batch], cs, view)
-        for kind, first, count, host in _batch_runs(rows, view, cb, vectorized):
+        for kind, first, count, host in _batch_runs(rows, view, cb, vectorized, light):
             if first + count <= first_cluster or first > last_cluster:
                 continue
             if first > cluster:
@@ -249,12 +254,14 @@ def block_status_runs(driver: object, offset: int, length: int) -> Iterator[Exte
         yield min(end, (stop + 1) << (l2_bits + cb))
 
 
-def _batch_runs(rows: list[int], buf: memoryview, cb: int, vectorized: bool) -> list[tuple[int, int, int, int]]:
+def _batch_runs(rows: list[int], buf: memoryview, cb: int, vectorized: bool,
+                light: list[int]) -> list[tuple[int, int, int, int]]:
     """(type, first cluster, clusters, host offset) of the runs of a batch
     of tables (L1 indexes ``rows``, their bytes in ``buf``), in order;
     neighbours may continue each other (the caller merges).  Tables that
     are one run are told by one_run (or, ``vectorized``, by uniform_rows
-    over the whole batch); the others are classified entry by entry."""
+    over the whole batch); the others are classified entry by entry, in
+    Python while ``light[0]`` entries allow it, else with numpy."""
     l2_bits = cb - 3
     cs = 1 << cb
     n = 1 << l2_bits
@@ -276,8 +283,12 @@ def _batch_runs(rows: list[int], buf: memoryview, cb: int, vectorized: bool) -> 
         q = r + 1
         while q < len(rows) and firsts[q] is None:
             q += 1
-        entries = tables[r:q] if tables is not None else _native(buf[r * cs:q * cs], cs)
-        out += _entry_runs(rows[r:q], entries.ravel(), cb)
+        if tables is None and (q - r) * n <= light[0]:
+            light[0] -= (q - r) * n
+            out += _entry_runs_light(rows[r:q], buf[r * cs:q * cs], cb)
+        else:
+            entries = tables[r:q] if tables is not None else _native(buf[r * cs:q * cs], cs)
+            out += _entry_runs(rows[r:q], entries.ravel(), cb)
         r = q
     return out
 
@@ -373,4 +384,26 @@ def _entry_runs(rows: list[int], entries: Any, cb: int) -> list[tuple[int, int, 
     for r in range(len(run_kinds)):
         s, e = starts[r], starts[r + 1]
         out.append((run_kinds[r], (rows[s >> l2_bits] << l2_bits) + (s & (n - 1)), e - s, run_hosts[r]))
+    return out
+
+
+def _entry_runs_light(rows: list[int], buf: memoryview, cb: int) -> list[tuple[int, int, int, int]]:
+    """_entry_runs without numpy, entry by entry, a table at a time (the
+    caller merges runs that go on into the next table)."""
+    cs = 1 << cb
+    n = cs >> 3
+    l2_bits = cb - 3
+    out = []
+    for r, row in enumerate(rows):
+        base = row << l2_bits
+        kind, start, host, follow = -1, 0, 0, 0
+        for i, e in enumerate(struct.unpack_from(f">{n}Q", buf, r * cs)):
+            h = e & L2E_OFFSET_MASK
+            k = COMPRESSED if e & OFLAG_COMPRESSED else (1 if h else 0) | (2 if e & OFLAG_ZERO else 0)
+            if k != kind or (k & 1 and h != follow):
+                if kind >= 0:
+                    out.append((kind, base + start, i - start, host))
+                kind, start, host = k, i, h
+            follow = h + cs
+        out.append((kind, base + start, n - start, host))
     return out
