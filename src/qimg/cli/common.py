@@ -14,6 +14,7 @@ from typing import Any
 from qimg.block.image import Image
 from qimg.block.image import open_image as _open_image
 from qimg.block.options import split_options
+from qimg.crypto.secret import SECRETS  # --object secret fills the crypto layer's store
 from qimg.errors import QimgError
 from qimg.record import dataclass
 
@@ -33,9 +34,6 @@ _QEMU_OBJECT_TYPES = frozenset((
     "secret_keyring", "thread-context", "throttle-group", "tls-cipher-suites", "tls-creds-anon",
     "tls-creds-psk", "tls-creds-x509",
 ))
-
-#: secrets given with --object secret,id=ID,data=...|file=...; LUKS reads them
-SECRETS: dict[str, bytes] = {}
 
 
 class HelpRequested(Exception):
