@@ -157,10 +157,10 @@ def run(prog: str, argv: list[str]) -> int:
     def open_source(name: str, fmt_: str | None, **_: object):
         return common.open_image(name, fmt_, read_only=True, force_share=force_share, use_image_opts=image_opts)
 
-    def open_target(name: str, fmt_: str | None, **_: object):
+    def open_target(name: str, fmt_: str | None, options: dict | None = None, **_: object):
         common.check_cache(cache)
         return common.open_image(name, given_out_fmt if tgt_image_opts else fmt_, read_only=False,
-                                 use_image_opts=tgt_image_opts)
+                                 use_image_opts=tgt_image_opts, open_options=options)
 
     from qimg.ops.convert import UnreportedError, convert
 

@@ -158,9 +158,12 @@ def open_image(
     backing: bool = True,
     force_share: bool = False,
     use_image_opts: bool = False,
+    open_options: dict[str, Any] | None = None,
 ) -> Image:
-    """Open an image for a command, with qemu-img's messages."""
-    options: dict[str, Any] = {}
+    """Open an image for a command, with qemu-img's messages;
+    ``open_options`` are driver options beyond --image-opts (convert's key
+    secrets for the new target)."""
+    options: dict[str, Any] = dict(open_options or {})
     filename = name
     if use_image_opts:
         if fmt:

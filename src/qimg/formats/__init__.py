@@ -22,6 +22,7 @@ FORMATS: dict[str, str] = {
     "parallels": "qimg.formats.parallels:ParallelsDriver",
     "qcow": "qimg.formats.qcow:QcowDriver",
     "qed": "qimg.formats.qed:QedDriver",
+    "luks": "qimg.formats.luks:LuksDriver",
 }
 
 

@@ -32,9 +32,10 @@ def check_sparse_size(sparse_size: int) -> int:
     return sparse_size // SECTOR
 
 
-def _default_open(name: str, fmt: str | None = None, *, read_only: bool = True, **_: Any) -> Image:
+def _default_open(name: str, fmt: str | None = None, *, read_only: bool = True,
+                  options: dict[str, Any] | None = None, **_: Any) -> Image:
     try:
-        return open_image(name, fmt, read_only=read_only)
+        return open_image(name, fmt, read_only=read_only, options=options)
     except QimgError as e:
         raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
 
@@ -220,7 +221,9 @@ def convert(
         if drv is None and not force_share and _in_use(srcs, target):
             raise QimgError(f"Could not open '{target}': Failed to get \"write\" lock",
                             detail=f"Is another process using the image [{target}]?\n")
-        tgt = target_opener(target, out_format, read_only=False)
+        # img_add_key_secrets: the new target opens with its key secrets
+        secrets = {k: v for k, v in values.items() if k.endswith("key-secret")}
+        tgt = target_opener(target, out_format, read_only=False, options=secrets or None)
         if bitmaps and not _bitmaps_supported(tgt):
             raise QimgError(f"Format driver '{tgt.format}' does not support bitmaps")
         if compressed and not tgt.driver.supports_compression:
@@ -242,9 +245,11 @@ def convert(
             job.buf_sectors = job.cluster_sectors
         if target_is_zero:
             job.has_zero_init = True
-        elif min_sparse and not target_has_backing and not skip_create:
-            # a new image reads as zeroes; an existing one (-n) gets its
-            # zero runs written explicitly, leaving what lies past the
+        elif min_sparse and not target_has_backing and not skip_create \
+                and getattr(tgt.driver, "has_zero_init", True):
+            # a new image reads as zeroes (bdrv_has_zero_init; not so an
+            # encrypted one whose data is there); an existing one (-n) gets
+            # its zero runs written explicitly, leaving what lies past the
             # sources' end untouched as qemu-img does
             job.has_zero_init = True
         run(job)

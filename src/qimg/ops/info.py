@@ -271,6 +271,23 @@ def _open_one(name: str, filename: str, fmt: str | None, options: dict[str, Any]
         raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
 
 
+def _compact_json(value: dict[str, Any]) -> str:
+    """qobject_to_json: one line, keys in QDict order."""
+    items = (_json_str(k) + ": " + (_compact_json(value[k]) if isinstance(value[k], dict) else _json_scalar(value[k]))
+             for k in qdict_order(value))
+    return "{" + ", ".join(items) + "}"
+
+
+def _options_filename(img: Any, filename: str, options: dict[str, Any]) -> str:
+    """bdrv_refresh_filename: an image opened with options that change what
+    it reads (a key secret) is named by all of them, as json:{...}."""
+    given = {k: options[k] for k in getattr(img.driver, "strong_runtime_opts", ()) if k in options}
+    if not given:
+        return img.filename
+    return "json:" + _compact_json({"driver": img.format, **given,
+                                    "file": {"driver": "file", "filename": filename}})
+
+
 def info(
     filename: str,
     fmt: str | None = None,
@@ -297,6 +314,8 @@ def info(
         img = _open_one(name, current, fmt, open_options)
         try:
             data = image_info(img)
+            if open_options:
+                data["filename"] = _options_filename(img, current, open_options)
         finally:
             img.close()
         chain.append(data)
