@@ -351,6 +351,7 @@ class Qcow2Driver(Driver):
             h = self.header
             self._refs = Refcounts(self.file, h.cluster_bits, h.refcount_order,
                                    h.refcount_table_offset, h.refcount_table_clusters)
+            self._refs.on_corruption = self.signal_corruption
         return self._refs
 
     def _flush_refs(self) -> None:
@@ -436,7 +437,12 @@ class Qcow2Driver(Driver):
         if self._meta_prealloc is None:
             from qimg.formats.qcow2.prealloc import metadata_preallocated
 
-            self._meta_prealloc = metadata_preallocated(self)
+            try:
+                self._meta_prealloc = metadata_preallocated(self)
+            except OSError:
+                # a refcount block it could not read was reported as
+                # corruption; block status goes on without the answer
+                self._meta_prealloc = False
         return self._meta_prealloc
 
     # ---- writing -----------------------------------------------------------------------

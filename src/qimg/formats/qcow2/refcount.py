@@ -14,7 +14,7 @@ driver imports it lazily, when the image is first written).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 # numpy loads OpenBLAS, which starts a thread per core at import; we never
 # use BLAS, and under load those threads cost more CPU than our copy does.
@@ -22,6 +22,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from qimg.errors import QimgError, UnsupportedError
+from qimg.formats.qcow2.header import hx
 
 if TYPE_CHECKING:
     from qimg.protocols.file import File
@@ -37,6 +38,10 @@ _CACHE_BYTES = 32 << 20
 class _Again(Exception):
     """QEMU's -EAGAIN: new refcount metadata took the space the caller
     meant to use; search again."""
+
+
+def _refuse(what: str) -> NoReturn:
+    raise QimgError(what)
 
 
 def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
@@ -88,13 +93,17 @@ class Refcounts:
         self._block_list: list[int] | None = None
         self._blocks: dict[int, np.ndarray] = {}
         self._dirty: set[int] = set()
+        #: a refcount structure that cannot be right: the driver's
+        #: qcow2_signal_corruption (it reports, and fails the request)
+        self.on_corruption: Callable[[str], NoReturn] = _refuse
 
     # ---- refcount blocks ----------------------------------------------------
     def _load(self, offset: int) -> np.ndarray:
         blk = self._blocks.get(offset)
         if blk is None:
-            if offset & (self.cluster_size - 1) or offset == 0:
-                raise QimgError(f"Refblock offset {offset:#x} unaligned")
+            if offset & (self.cluster_size - 1):
+                index = int(np.flatnonzero((self.table & np.uint64(REFT_OFFSET_MASK)) == np.uint64(offset))[0])
+                self.on_corruption(f"Refblock offset {offset:#x} unaligned (reftable index: {hx(index)})")
             if len(self._blocks) * self.cluster_size > _CACHE_BYTES:
                 self._evict()
             blk = self._decode(self.file.pread(offset, self.cluster_size))
@@ -231,7 +240,16 @@ class Refcounts:
             return n
 
     def free(self, offset: int, size: int) -> None:
-        self.update(offset, size, -1)
+        """qcow2_free_clusters: a failure is told and the clusters leak; the
+        request that freed them goes on (QEMU neither retries nor fails it)."""
+        import errno
+        import sys
+
+        try:
+            self.update(offset, size, -1)
+        except (_Again, OSError, QimgError) as e:
+            code = errno.EAGAIN if isinstance(e, _Again) else getattr(e, "errno", None) or errno.EINVAL
+            sys.stderr.write(f"qcow2_free_clusters failed: {os.strerror(code)}\n")
 
     def update(self, offset: int, length: int, addend: int) -> None:
         """Add ``addend`` to the refcount of each cluster touching the range.
@@ -279,7 +297,7 @@ class Refcounts:
             return self._load(off)
         new_block = self.alloc_noref(1)
         if new_block == 0:
-            raise QimgError("Preventing invalid allocation of refcount block at offset 0")
+            self.on_corruption("Preventing invalid allocation of refcount block at offset 0")
         if (new_block >> (self.cluster_bits + self.block_bits)) == ti:
             blk = self._empty(new_block)
             blk[(new_block >> self.cluster_bits) & (self.block_size - 1)] = 1
