@@ -11,6 +11,13 @@ the host offset, the bits above them the compressed size.
 There is no copy-on-write of the untouched part of a cluster: QEMU creates
 images with a backing file with 512-byte clusters, so the 512-byte request
 alignment (partial sectors are read through the chain first) is enough.
+
+Encryption (crypt_method 1, QEMU's "qcow" crypto format): every data
+sector is AES-128-CBC encrypted with the plain64 IV of its guest sector
+number; the key is the passphrase's first 16 bytes, zero padded.  Nothing
+about the key is stored, so a wrong passphrase reads as garbage, as in
+QEMU.  The unwritten sectors of a newly allocated cluster hold encrypted
+zeroes; compressed clusters are not encrypted.
 """
 
 from __future__ import annotations
@@ -61,6 +68,9 @@ class QcowDriver(Driver):
     supports_backing = True
     supports_compression = True
     aligns_compressed_end = False
+    #: options that change what the image reads: info names an image
+    #: opened with them by all its options (qcow_strong_runtime_opts)
+    strong_runtime_opts = ("encrypt.key-secret",)
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
@@ -90,11 +100,9 @@ class QcowDriver(Driver):
             raise QimgError("Image size is too small, cannot be zero length")
         if fmt == "luks":
             raise QimgError("Unsupported encryption format")
-        if options.get("encryption") or fmt is not None:
-            if not options.get("encrypt.key-secret"):
-                raise QimgError(KEY_REQUIRED)
-            # the legacy AES-CBC scheme is insecure; we never write it
-            raise QimgError("Creating AES encrypted qcow images is not supported")
+        encrypt = bool(options.get("encryption") or fmt is not None)
+        if encrypt:
+            _cipher(options)  # the secret must be there (qcrypto_block_create)
         backing = options.get("backing_file")
         if backing == "fat:":
             backing = None  # QEMU's special name for vvfat: not stored
@@ -108,7 +116,8 @@ class QcowDriver(Driver):
         shift = cluster_bits + l2_bits
         l1_size = (size + (1 << shift) - 1) >> shift
         header = HEADER.pack(QCOW_MAGIC, QCOW_VERSION, HEADER.size if backing is not None else 0,
-                             len(name), 0, size, cluster_bits, l2_bits, 0, QCOW_CRYPT_NONE, header_size)
+                             len(name), 0, size, cluster_bits, l2_bits, 0,
+                             QCOW_CRYPT_AES if encrypt else QCOW_CRYPT_NONE, header_size)
         l1_bytes = -(-(8 * l1_size) // SECTOR) * SECTOR
         with File(filename, read_only=False) as f:
             f.pwrite(0, header + name)
@@ -134,9 +143,8 @@ class QcowDriver(Driver):
         if crypt > QCOW_CRYPT_AES:
             raise QimgError("invalid encryption method in qcow header")
         self.encrypted = crypt == QCOW_CRYPT_AES
-        if self.encrypted and not options.get("no_io"):
-            # legacy AES-CBC: only metadata (info) can be had without a key
-            raise QimgError(KEY_REQUIRED)
+        #: the data sectors' cipher (None: not encrypted, or opened for info only)
+        self._cipher = _cipher(options) if self.encrypted and not options.get("no_io") else None
         self.cluster_bits = cbits
         self.cluster_size = 1 << cbits
         self.l2_bits = l2bits
@@ -170,8 +178,6 @@ class QcowDriver(Driver):
         if self._l1 is None:
             import numpy as np
 
-            if self.encrypted:
-                raise QimgError(KEY_REQUIRED)
             # read only what the file holds: a hostile size cannot make us
             # allocate more than the file's own length
             avail = max(0, min(self.l1_size * 8, self.file.size - self.l1_table_offset))
@@ -209,6 +215,14 @@ class QcowDriver(Driver):
 
     # ---- block status -----------------------------------------------------------
     def block_status(self, offset: int, length: int) -> Extent:
+        ext = self._run(offset, length)
+        if self.encrypted and ext.flags & OFFSET_VALID:
+            # the data must be decrypted: no offset to read it from
+            return Extent(ext.offset, ext.length, ext.flags & ~OFFSET_VALID)
+        return ext
+
+    def _run(self, offset: int, length: int) -> Extent:
+        """The run at ``offset``, with its host offset where it has one."""
         import numpy as np
 
         length = min(length, self.size - offset)
@@ -269,7 +283,7 @@ class QcowDriver(Driver):
         end = offset + length
         cs = self.cluster_size
         while offset < end:
-            ext = self.block_status(offset, end - offset)
+            ext = self._run(offset, end - offset)
             n = ext.length
             if not ext.allocated:
                 parts.append(bytes(n))
@@ -285,10 +299,29 @@ class QcowDriver(Driver):
                 assert ext.host_offset is not None
                 if (ext.host_offset - (offset & (cs - 1))) & 511:
                     raise QimgError("Input/output error")
-                data = self.file.pread(ext.host_offset, n)
-                parts.append(data + bytes(n - len(data)))
+                parts.append(self._read_data(ext.host_offset, offset, n))
             offset += n
         return b"".join(parts)
+
+    def _read_data(self, host: int, offset: int, n: int) -> bytes:
+        """``n`` guest bytes at ``offset`` of data clusters from ``host``."""
+        if self._cipher is None:
+            data = self.file.pread(host, n)
+            return data + bytes(n - len(data))
+        # whole sectors are decrypted
+        head = offset & (SECTOR - 1)
+        size = -(-(head + n) // SECTOR) * SECTOR
+        buf = bytearray(self.file.pread(host - head, size))
+        buf += bytes(size - len(buf))
+        self._cipher.decrypt(buf, (offset - head) // SECTOR)
+        return bytes(buf[head:head + n])
+
+    def _write_data(self, host: int, offset: int, data: Any) -> None:
+        """Guest sectors at ``offset`` into data clusters at ``host``."""
+        if self._cipher is not None:
+            data = bytearray(data)
+            self._cipher.encrypt(data, offset // SECTOR)
+        self.file.pwrite(host, data)
 
     def _read_chain(self, offset: int, length: int) -> bytes:
         """Guest bytes as the whole chain shows them (for partial sectors)."""
@@ -309,8 +342,6 @@ class QcowDriver(Driver):
     def _writable(self) -> None:
         if self.read_only:
             raise QimgError("Image is read-only")
-        if self.encrypted:
-            raise QimgError(KEY_REQUIRED)
 
     def _file_end(self) -> int:
         # QEMU's bdrv_getlength counts whole sectors: allocation starts there
@@ -357,6 +388,9 @@ class QcowDriver(Driver):
             if allocate == 1:
                 entry = -(-entry // cs) * cs
                 self.file.truncate(entry + cs)
+                if self._cipher is not None and n_end - n_start < cs:
+                    # sectors the write will not cover hold encrypted zeroes
+                    self._write_data(entry, offset & ~(cs - 1), bytes(cs))
             else:
                 entry |= QCOW_OFLAG_COMPRESSED | (compressed_size << (63 - self.cluster_bits))
         table[index] = entry
@@ -388,7 +422,7 @@ class QcowDriver(Driver):
             host = self._cluster_for_write(offset + pos, 1, 0, in_cluster, in_cluster + n)
             if not host or host & 511:
                 raise QimgError("Input/output error")
-            self.file.pwrite(host + in_cluster, data[pos:pos + n])
+            self._write_data(host + in_cluster, offset + pos, data[pos:pos + n])
             pos += n
 
     def _write_run(self, offset: int, data: memoryview) -> int:
@@ -427,9 +461,12 @@ class QcowDriver(Driver):
             self.file.truncate(head + k * cs)
             e[:k] = np.uint64(head) + np.arange(k, dtype=np.uint64) * np.uint64(cs)
             self.file.pwrite(l2_offset + index * 8, e[:k].astype(">u8").tobytes())
+            if self._cipher is not None and (in_cluster or n < k * cs):
+                # sectors the write will not cover hold encrypted zeroes
+                self._write_data(head, first << cb, bytes(k * cs))
         elif head & 511:
             raise QimgError("Input/output error")
-        self.file.pwrite(head + in_cluster, data[:n])
+        self._write_data(head + in_cluster, offset, data[:n])
         return n
 
     def make_empty(self) -> None:
@@ -473,3 +510,16 @@ class QcowDriver(Driver):
     # ---- description ------------------------------------------------------------
     def dirty_flag(self) -> bool:
         return False
+
+
+def _cipher(options: dict[str, Any]) -> Any:
+    """QEMU's "qcow" crypto format: AES-128-CBC, plain64 IVs, the key the
+    passphrase's first 16 bytes zero padded (qcrypto_block_qcow_init)."""
+    from qimg.crypto.cipher import SectorCipher
+    from qimg.crypto.secret import lookup_utf8
+
+    secret = options.get("encrypt.key-secret")
+    if not secret:
+        raise QimgError(KEY_REQUIRED)
+    key = lookup_utf8(secret)[:16].ljust(16, b"\0")
+    return SectorCipher("aes-128", "cbc", key, "plain64")
