@@ -4,6 +4,7 @@ qemu-img's own result is deterministic)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,7 @@ def test_rebase_interrupted_before_the_header_write_changes_nothing_visible(tmp_
     with pytest.raises(KeyboardInterrupt):
         rebase(img, "copy.raw", "raw")
     img.flush()
+    os.close(img.file.fd)  # the crash: the process and its image locks are gone
     p = run_qemu("check", "top.qcow2", cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout
     assert info_json("top.qcow2", tmp_path)["backing-filename"] == "mid.qcow2"

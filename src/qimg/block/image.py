@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
+from qimg.block import lock
 from qimg.block.driver import Driver
 from qimg.block.probe import PROBE_BYTES, probe_format
 from qimg.block.status import ALLOCATED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
@@ -293,15 +294,28 @@ def open_image(
     options: dict[str, Any] | None = None,
     _depth: int = 0,
     _seen: dict[tuple[int, int], bool] | None = None,
+    force_share: bool | None = None,
 ) -> Image:
     """Open ``filename`` as ``fmt`` (probed when None), with its backing chain.
 
     ``backing=False`` opens the top image alone (qemu's BDRV_O_NO_BACKING).
+    The files are locked as QEMU locks them (qimg.block.lock) until close;
+    ``force_share`` (-U; None: the running command's -U) shares everything
+    with other users, read-only opens only.
     """
     if filename.startswith("json:"):
         filename, json_fmt = parse_json_filename(filename)
         fmt = json_fmt or fmt
-    file = File(filename, read_only=read_only)
+    if force_share is None:
+        force_share = lock.command_force_share
+    force_share = force_share and read_only
+    # ops.info's NO_IO_OPTION: BDRV_O_NO_IO, nothing read consistently
+    no_io = bool(options and options.get("no_io"))
+    # file-posix's locking option (--image-opts file.locking=on|off|auto)
+    locking = str(options.get("file.locking", "auto")) if options else "auto"
+    if locking not in ("on", "off", "auto"):
+        raise QimgError(f"invalid parameter value: {locking}")
+    file = File(filename, read_only=read_only, lock=False)
     try:
         _check_loop(file, filename, read_only, _seen)
         probed = fmt is None
@@ -310,7 +324,14 @@ def open_image(
         drv_cls = get_driver(fmt)
         if not read_only and not drv_cls.supports_write:
             raise QimgError(f"Could not open '{filename}': Driver '{fmt}' does not support write access")
-        driver = drv_cls.open(file, read_only=read_only, options=options)
+        # the format decides the locks, and they are held before it reads;
+        # check -r opens read-only and writes through a second open later
+        # (ops.check's CHECK_REPAIR_OPTION), qemu-img read-write at once
+        if locking != "off":
+            writes = not read_only or bool(options and options.get("check-repair") and drv_cls.supports_write)
+            file.set_perm(*lock.image_perms(fmt, not writes, force_share, no_io))
+        with lock.ChildOpen(force_share, no_io):
+            driver = drv_cls.open(file, read_only=read_only, options=options)
     except BaseException:
         file.close()
         raise
@@ -324,7 +345,7 @@ def open_image(
             seen = {} if _seen is None else _seen
             seen[_file_id(file)] = read_only
             img.backing = open_image(path, driver.backing_format, read_only=True, _depth=_depth + 1,
-                                     _seen=seen)
+                                     _seen=seen, force_share=force_share)
         except QimgError as e:
             img.close()
             raise QimgError(f"Could not open backing file: {e.message}", e.code) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from qimg.block import lock
 from qimg.block.image import Image
 from qimg.block.image import open_image as _open_image
 from qimg.block.options import split_options
@@ -50,6 +51,10 @@ class CommonOptions:
     force_share: bool = False  # -U/--force-share
     quiet: bool = False  # -q
 
+    def __post_init__(self) -> None:
+        # each command makes its options as it starts: no -U seen yet
+        lock.command_force_share = False
+
 
 def apply_common(opt: str, val: str, into: CommonOptions) -> bool:
     """Act on one of the options every command shares; False for an option
@@ -65,6 +70,8 @@ def apply_common(opt: str, val: str, into: CommonOptions) -> bool:
         into.image_opts = True
     elif opt in ("-U", "--force-share"):
         into.force_share = True
+        # for the opens that do not take it as an argument (info, check)
+        lock.command_force_share = True
     elif opt == "-q":
         into.quiet = True
     else:
@@ -173,7 +180,8 @@ def open_image(
         # blk_new_open refuses it, so img_open's prefix comes with it
         raise QimgError(f"Could not open '{name}': force-share=on can only be used with read-only images")
     try:
-        img = _open_image(filename, fmt, read_only=read_only, backing=backing, options=options or None)
+        img = _open_image(filename, fmt, read_only=read_only, backing=backing, options=options or None,
+                          force_share=force_share)
     except QimgError as e:
         raise QimgError(f"Could not open '{name}': {e.message}", e.code) from None
     if img.probed and img.format == "raw" and not read_only:

@@ -182,7 +182,8 @@ def _backing_size(filename: str, backing_file: str, backing_format: str | None) 
 
     full = _full_backing_name(filename, backing_file)
     try:
-        img = open_image(full, backing_format, read_only=True)
+        # force-share, as bdrv_img_create: only the size is read
+        img = open_image(full, backing_format, read_only=True, force_share=True)
     except QimgError as e:
         raise CreateError(e.message, "Could not open backing image.\n") from None
     try:

@@ -2,6 +2,8 @@
 
 Holes are found with SEEK_DATA/SEEK_HOLE, zeroes are written by punching
 holes, and preallocation uses posix_fallocate or explicit zero writes.
+An open file holds QEMU's OFD lock bytes for its permissions until it is
+closed (qimg.block.lock).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import errno
 import os
 import stat
 
+from qimg.block import lock as lock_mod
+from qimg.block.lock import Lock
 from qimg.errors import QimgError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -59,15 +63,25 @@ class File:
 
     _fallocate = None
 
-    def __init__(self, filename: str, read_only: bool = True, create: bool = False) -> None:
+    def __init__(self, filename: str, read_only: bool = True, create: bool = False, *,
+                 perm: tuple[int, int] | None = None, lock: bool = True) -> None:
+        """Open ``filename``; ``create`` makes it, or empties it once no one
+        else holds it.  The file is locked for ``perm`` ((perm, shared), see
+        qimg.block.lock) until close; by default as a data file of the image
+        being opened, or for creating it.  ``lock=False`` defers locking to
+        set_perm (the image's format decides it, and is probed first)."""
         self.filename = filename
         self.read_only = read_only
+        self.fd = -1
+        self._lock: Lock | None = None
         if not filename and not create:
             # creating '' fails in open(2) instead, as in file-posix
             raise QimgError("The 'file' block driver requires a file name")
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            # not O_TRUNC: an image someone else has open is refused
+            # before anything of it is lost, as raw_co_create does
+            flags |= os.O_CREAT
         try:
             self.fd = os.open(filename, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
@@ -76,11 +90,34 @@ class File:
         if stat.S_ISDIR(st.st_mode):
             # a directory opens read-only, but is no image (file-posix)
             os.close(self.fd)
+            self.fd = -1
             raise QimgError(f"'file' driver requires '{filename}' to be a regular file")
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._can_punch = True
         #: (start, end, is_data, (mtime, size)) of the last extent found (read-only files)
         self._extent: tuple[int, int, bool, tuple[int, int]] | None = None
+        if create or lock:
+            if perm is None:
+                perm = lock_mod.CREATE_PERMS if create else lock_mod.default_perms(read_only)
+            try:
+                self.set_perm(*perm)
+                if create and stat.S_ISREG(st.st_mode):
+                    os.ftruncate(self.fd, 0)
+            except QimgError:
+                self.close()
+                raise
+            except OSError as e:
+                self.close()
+                raise QimgError(f"Could not open '{filename}': {e.strerror}") from None
+
+    def set_perm(self, perm: int, shared: int) -> None:
+        """Hold ``perm`` and share only ``shared`` from now on (qimg.block.lock);
+        QimgError, with qemu's words and hint, when another process's locks
+        are in the way (the old permissions then stay)."""
+        if self._lock is None:
+            self._lock = lock_mod.acquire(self.fd, self.filename, perm, shared)
+        else:
+            self._lock.change(perm, shared)
 
     # ---- size -------------------------------------------------------------
     @property
@@ -261,6 +298,9 @@ class File:
             os.fsync(self.fd)
 
     def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
