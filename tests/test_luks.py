@@ -24,7 +24,11 @@ FAST = "iter-time=10"
 
 def run_qimg(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
     """qimg's command line in this process (no interpreter start-up per
-    call), with run_qemu's result shape."""
+    call), with run_qemu's result shape; the secrets start empty, as in a
+    new process."""
+    from qimg.crypto import secret
+
+    secret.SECRETS.clear()
     out, err, rc = qimg_inprocess(list(args), Path(cwd or os.getcwd()))
     return subprocess.CompletedProcess(list(args), rc, out.encode(), err.encode())
 

@@ -35,10 +35,11 @@ def amend_volume(volume: Volume, options: dict[str, Any], read: Read, write: Wri
                  prefix: str = "") -> None:
     """Apply ``prefix``-named amend options (typed -o values) to ``volume``."""
     state = options.get(prefix + "state")
+    # the QAPI visit of the options: its messages name them without prefix
     if state is None:
-        raise QimgError(f"Parameter '{prefix}state' is missing")
+        raise QimgError("Parameter 'state' is missing")
     if state not in _STATES:
-        raise QimgError(f"Parameter '{prefix}state' does not accept value '{state}'")
+        raise QimgError(f"Parameter 'state' does not accept value '{state}'")
     keyslot = options.get(prefix + "keyslot")
     opts = {
         "new-secret": options.get(prefix + "new-secret"),

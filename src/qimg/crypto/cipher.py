@@ -28,6 +28,7 @@ call over all the counter blocks.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from qimg.crypto.pbkdf import digest
@@ -50,7 +51,7 @@ IVGEN_ALGS = ("plain", "plain64", "essiv")
 SUPPORTED_ALGS = ("aes-128", "aes-192", "aes-256")
 
 #: bytes encrypted per pass: bounds the scratch arrays of a large request
-_CHUNK = 4 << 20
+_CHUNK = 1 << 20
 
 
 def key_len(alg: str) -> int:
@@ -97,10 +98,34 @@ class _Aes:
     def decrypt(self, data: Any) -> bytes:
         return self._cipher.decryptor().update(_bytes_view(data))
 
+    def crypt(self, data: "np.ndarray", encrypt: bool) -> "np.ndarray":
+        """``data`` through the cipher, into this thread's scratch buffer
+        (valid until its next use): update_into spares the allocation of a
+        fresh output, which costs more than AES itself."""
+        out = _scratch("ecb", data.nbytes + 16, "u1")
+        ctx = self._cipher.encryptor() if encrypt else self._cipher.decryptor()
+        n = ctx.update_into(_bytes_view(data), out)
+        return out[:n].view("<u8").reshape(data.shape)
+
 
 def _bytes_view(data: Any) -> Any:
     """cryptography takes buffers of bytes, not numpy arrays."""
     return data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
+
+
+_local = threading.local()
+
+
+def _scratch(name: str, count: int, dtype: str) -> "np.ndarray":
+    """A per-thread array of at least ``count`` elements, kept for reuse:
+    fresh large arrays cost a page fault per 4 KiB."""
+    import numpy as np
+
+    pool = _local.__dict__
+    arr = pool.get(name)
+    if arr is None or len(arr) < count:
+        arr = pool[name] = np.empty(max(count, _CHUNK // np.dtype(dtype).itemsize + 16), dtype=dtype)
+    return arr[:count]
 
 
 class SectorCipher:
@@ -176,33 +201,33 @@ class SectorCipher:
             elif self.mode == "ctr":
                 self._ctr(data, first)
             else:
-                ecb = self._aes.encrypt if encrypt else self._aes.decrypt
-                data[:] = np.frombuffer(ecb(data), dtype="<u8").reshape(data.shape)
+                data[:] = self._aes.crypt(data, encrypt)
 
     def _xts(self, data: "np.ndarray", first: int, encrypt: bool) -> None:
         import numpy as np
 
-        n = data.shape[0]
-        t = np.frombuffer(self._tweak_aes.encrypt(self._ivs(first, n)), dtype="<u8").reshape(n, 1, 2)
-        lo, hi = t[:, :, 0], t[:, :, 1]
-        # T * alpha^j: the 128-bit tweak shifted left by j; the j bits shifted
-        # out at the top come back in as their carry-less product with 0x87
-        j = np.arange(SECTOR_SIZE // 16, dtype=np.uint64)
-        inv = np.uint64(63) - j
-        one = np.uint64(1)
-        out_hi = (hi >> one) >> inv
-        out_lo = (lo >> one) >> inv
-        tweaks = np.empty(data.shape, dtype="<u8")
-        tweaks[:, :, 0] = (lo << j) ^ out_hi ^ (out_hi << one) ^ (out_hi << np.uint64(2)) ^ (out_hi << np.uint64(7))
-        tweaks[:, :, 1] = (hi << j) | out_lo
+        n, blocks = data.shape[0], data.shape[1]
+        t = np.frombuffer(self._tweak_aes.encrypt(self._ivs(first, n)), dtype="<u8").reshape(n, 2)
+        # T * alpha^j for every sector at once, block after block: a shift
+        # left by one bit of the 128-bit little-endian tweak, the bit
+        # shifted out at the top folded back in as 0x87
+        lo, hi = t[:, 0].copy(), t[:, 1].copy()
+        lows = _scratch("lows", blocks * n, "u8").reshape(blocks, n)
+        highs = _scratch("highs", blocks * n, "u8").reshape(blocks, n)
+        one, top, poly = np.uint64(1), np.uint64(63), np.uint64(0x87)
+        for j in range(blocks):
+            lows[j], highs[j] = lo, hi
+            carry = (hi >> top) * poly
+            hi = (hi << one) | (lo >> top)
+            lo = (lo << one) ^ carry
+        tweaks = _scratch("tweaks", data.size, "<u8").reshape(data.shape)
+        tweaks[:, :, 0] = lows.T
+        tweaks[:, :, 1] = highs.T
         data ^= tweaks
-        ecb = self._aes.encrypt if encrypt else self._aes.decrypt
-        np.bitwise_xor(np.frombuffer(ecb(data), dtype="<u8").reshape(data.shape), tweaks, out=data)
+        np.bitwise_xor(self._aes.crypt(data, encrypt), tweaks, out=data)
 
     def _cbc_decrypt(self, data: "np.ndarray", first: int) -> None:
-        import numpy as np
-
-        plain = np.frombuffer(self._aes.decrypt(data), dtype="<u8").reshape(data.shape).copy()
+        plain = self._aes.crypt(data, False)
         plain[:, 1:] ^= data[:, :-1]
         plain[:, 0] ^= self._ivs(first, data.shape[0])
         data[:] = plain
@@ -229,4 +254,4 @@ class SectorCipher:
         counters = np.empty(data.shape, dtype=">u8")
         counters[:, :, 0] = hi_j
         counters[:, :, 1] = lo_j
-        data ^= np.frombuffer(self._aes.encrypt(counters), dtype="<u8").reshape(data.shape)
+        data ^= self._aes.crypt(counters, True)

@@ -371,11 +371,12 @@ _ENUM_OPTIONS = (
 
 def create_options(values: dict[str, Any], prefix: str = "") -> CreateOptions:
     """The QAPI visit of the create options (``prefix`` + name, typed -o
-    values), refusing values outside the enums as QEMU does."""
+    values), refusing values outside the enums as QEMU does (its message
+    names the member without the prefix)."""
     for name, allowed in _ENUM_OPTIONS:
         value = values.get(prefix + name)
         if value is not None and value not in allowed:
-            raise QimgError(f"Parameter '{prefix}{name}' does not accept value '{value}'")
+            raise QimgError(f"Parameter '{name}' does not accept value '{value}'")
     def get(name: str) -> Any:
         return values.get(prefix + name)
 

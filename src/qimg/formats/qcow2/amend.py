@@ -56,7 +56,7 @@ class _Helper:
     """qcow2_amend_helper_cb: one overall progress over several operations,
     projecting the work of operations not started from those done."""
 
-    UPGRADING, CHANGING_REFCOUNT_ORDER, DOWNGRADING = 1, 3, 4
+    UPGRADING, UPDATING_ENCRYPTION, CHANGING_REFCOUNT_ORDER, DOWNGRADING = 1, 2, 3, 4
 
     def __init__(self, status: StatusFn | None, total_operations: int) -> None:
         self.status = status
@@ -101,6 +101,8 @@ def _pack_v2_keeping_bitmaps(h: H.QCowHeader) -> bytes:
         return struct.pack(">II", etype, len(data)) + data + bytes(-len(data) % 8)
 
     exts = ext(H.EXT_BACKING_FORMAT, h.backing_format.encode()) if h.backing_format else b""
+    if h.crypto_header:
+        exts += ext(H.EXT_CRYPTO, struct.pack(">QQ", *h.crypto_header))
     exts += ext(H.EXT_BITMAPS, h.bitmaps_ext or b"") + bytes(8)
     name = h.backing_file.encode() if h.backing_file else b""
     h.backing_file_offset = H.V2_HEADER_LENGTH + len(exts) if name else 0
@@ -118,6 +120,7 @@ def _settle(d: "Qcow2Driver", o: dict[str, Any]) -> dict[str, Any]:
     new_version = h.version
     refcount_bits = h.refcount_bits
     lazy = bool(h.compatible_features & H.COMPAT_LAZY_REFCOUNTS)
+    encryption_update = False
     for spec in AMEND_OPTS:
         name = spec.name
         if name not in o:
@@ -126,9 +129,10 @@ def _settle(d: "Qcow2Driver", o: dict[str, Any]) -> dict[str, Any]:
         if name.startswith("encrypt."):
             if not h.crypt_method:
                 raise QimgError("Can't amend encryption options - encryption not present")
-            if h.crypt_method != 2:
+            if h.crypt_method != 2 or d.crypto is None:
                 raise UnsupportedError("Only LUKS encryption options can be amended")
-            raise UnsupportedError("Amending LUKS encryption options is not supported yet")
+            encryption_update = True
+            continue
         if name == "compat":
             if value in ("0.10", "v2"):
                 new_version = 2
@@ -148,7 +152,7 @@ def _settle(d: "Qcow2Driver", o: dict[str, Any]) -> dict[str, Any]:
         elif name == "data_file_raw":
             if value and not h.autoclear_features & H.AUTOCLEAR_DATA_FILE_RAW:
                 raise QimgError("data-file-raw cannot be set on existing images")
-    return {"version": new_version, "refcount_bits": refcount_bits, "lazy": lazy,
+    return {"version": new_version, "refcount_bits": refcount_bits, "lazy": lazy, "encryption": encryption_update,
             "data_file_raw": o.get("data_file_raw", bool(h.autoclear_features & H.AUTOCLEAR_DATA_FILE_RAW))}
 
 
@@ -158,11 +162,18 @@ def amend(d: "Qcow2Driver", o: dict[str, Any], status: StatusFn | None = None, f
     s = _settle(d, o)
     old_version, new_version = h.version, s["version"]
     refcount_bits = s["refcount_bits"]
-    helper = _Helper(status, (new_version != old_version) + (h.refcount_bits != refcount_bits))
+    helper = _Helper(status, (new_version != old_version) + (h.refcount_bits != refcount_bits) + s["encryption"])
     d.flush_metadata()
     if new_version > old_version:
         helper.current = _Helper.UPGRADING
         _upgrade(d, helper)
+    if s["encryption"]:
+        from qimg.crypto.amend import amend_volume
+
+        # key slots change in the LUKS header's clusters (qcrypto_block_amend_options)
+        helper.current = _Helper.UPDATING_ENCRYPTION
+        read, write = d.crypto_header_io()
+        amend_volume(d.crypto, o, read, write, force, "encrypt.")
     if h.refcount_bits != refcount_bits:
         if new_version < 3 and refcount_bits != 16:
             raise QimgError("Refcount widths other than 16 bits require compatibility level 1.1 or above "

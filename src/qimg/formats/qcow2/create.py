@@ -53,6 +53,9 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
     """Check options as qcow2_co_create_opts/qcow2_co_create do, in their
     order (the QAPI visitor's enum refusals first); returns the settled
     values."""
+    if o.get("encryption") and o.get("encrypt.format") is not None:
+        # qdict_rename_keys, before the QAPI visit
+        raise QimgError("'encrypt.format' and its alias 'encryption' can't be used at the same time")
     compat = o.get("compat")
     if compat is None:
         version = 3
@@ -71,8 +74,7 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
         raise QimgError(f"Parameter 'compression-type' does not accept value '{ctype}'")
     if o.get("backing_fmt") == "":
         raise QimgError("Parameter 'backing-fmt' does not accept value ''")
-    if o.get("encrypt.format") == "":
-        raise QimgError("Parameter 'format' does not accept value ''")
+    luks = _encrypt_options(o)
     extl2 = bool(o.get("extended_l2"))
     if extl2 and version < 3:
         raise QimgError("Extended L2 entries are only supported with compatibility level 1.1 "
@@ -105,7 +107,8 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
     if version < 3 and ctype != "zlib":
         raise QimgError("Non-zlib compression type is only supported with compatibility level 1.1 "
                         "and above (use version=v3 or greater)")
-    if o.get("encryption") or o.get("encrypt.format"):
+    if luks is None and (o.get("encryption") or o.get("encrypt.format")):
+        # legacy AES-CBC (encrypt.format=aes): insecure, never written
         if not o.get("encrypt.key-secret"):
             raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
         raise UnsupportedError("Creating encrypted qcow2 images is not supported yet")
@@ -121,7 +124,37 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
     return dict(size=size, version=version, prealloc=prealloc, ctype=ctype, cluster_bits=cluster_bits,
                 refcount_order=refcount_bits.bit_length() - 1, lazy=lazy, extl2=extl2,
                 data_file=o.get("data_file") or None, data_file_raw=bool(o.get("data_file_raw")),
-                backing_file=o.get("backing_file") or None, backing_fmt=o.get("backing_fmt") or None)
+                backing_file=o.get("backing_file") or None, backing_fmt=o.get("backing_fmt") or None,
+                luks=luks)
+
+
+#: the encrypt.* members of each QCryptoBlockCreateOptions branch
+_LUKS_MEMBERS = ("key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time")
+_QCOW_MEMBERS = ("key-secret",)
+
+
+def _encrypt_options(o: dict[str, Any]) -> Any:
+    """The QAPI visit of the encrypt.* options: the LUKS create options
+    (qimg.crypto.luks.CreateOptions), or None for no encryption or AES."""
+    from qimg.crypto import luks
+
+    given = [s.name for s in CREATE_OPTS if s.name.startswith("encrypt.") and o.get(s.name) is not None]
+    fmt = o.get("encrypt.format")
+    if o.get("encryption"):
+        fmt = "qcow"
+    if fmt is None:
+        if given:
+            raise QimgError("Parameter 'encrypt.format' is missing")
+        return None
+    fmt = "qcow" if fmt == "aes" else fmt
+    if fmt not in ("qcow", "luks"):
+        raise QimgError(f"Parameter 'format' does not accept value '{fmt}'")
+    members = _LUKS_MEMBERS if fmt == "luks" else _QCOW_MEMBERS
+    opts = luks.create_options(o, "encrypt.") if fmt == "luks" else None
+    for name in given:
+        if name != "encrypt.format" and name[len("encrypt."):] not in members:
+            raise QimgError(f"Parameter '{name}' is unexpected")
+    return opts
 
 
 def create_image(filename: str, size: int, options: dict[str, Any]) -> None:
@@ -183,9 +216,10 @@ def _write_image(f: "Any", filename: str, v: dict[str, Any]) -> None:
         _set_refcount(block, i, 1, width)
     f.pwrite(cs, table + bytes(block))
     f.flush()
-    if v["size"] == 0 and v["prealloc"] == "off":
-        return
-    _grow(filename, v["size"], v["prealloc"])
+    if v["size"] or v["prealloc"] != "off":
+        _grow(filename, v["size"], v["prealloc"])
+    if v["luks"] is not None:
+        _set_up_luks(filename, v["luks"])
 
 
 def _set_refcount(block: bytearray, index: int, value: int, width: int) -> None:
@@ -197,6 +231,41 @@ def _set_refcount(block: bytearray, index: int, value: int, width: int) -> None:
         byte, slot = divmod(index, per)
         shift = slot * width
         block[byte] = (block[byte] & ~(((1 << width) - 1) << shift)) | (value << shift)
+
+
+def _set_up_luks(filename: str, opts: Any) -> None:
+    """qcow2_set_up_encryption, after the image got its size (so its LUKS
+    header follows the L1 table and any preallocated clusters): clusters
+    for the header, zeroed whole, the LUKS volume written into them, then
+    the qcow2 header with crypt_method 2 and the extension naming them."""
+    from qimg.crypto import luks
+    from qimg.formats.qcow2.amend import write_header
+    from qimg.formats.qcow2.driver import Qcow2Driver
+    from qimg.protocols.file import File
+
+    f = File(filename, read_only=False)
+    d = None
+    try:
+        d = Qcow2Driver.open(f, read_only=False)
+        d._modified = True
+        d.header.crypt_method = 2
+
+        def init(header_len: int) -> None:
+            offset = d.refs.alloc(header_len)
+            d.flush_metadata()
+            d.header.crypto_header = (offset, header_len)
+            # predictable content where no key slot is written
+            f.zero_range(offset, -(-header_len // d.cluster_size) * d.cluster_size)
+
+        _, write = d.crypto_header_io()
+        luks.create_volume(opts, init, write, "encrypt.")
+        d.flush_metadata()
+        write_header(d)
+        d._modified = False
+    finally:
+        if d is not None:
+            datafile.close_data_file(d)
+        f.close()
 
 
 def _grow(filename: str, size: int, prealloc: str) -> None:

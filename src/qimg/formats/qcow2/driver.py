@@ -124,6 +124,7 @@ class Qcow2Driver(Driver):
         self.encrypted = bool(h.crypt_method)
         if h.incompatible_features & H.INCOMPAT_CORRUPT and not self.read_only:
             raise QimgError("qcow2: Image is corrupt; cannot be opened read/write")
+        self._open_crypto(options)
         from qimg.formats.qcow2.datafile import open_data_file
 
         # before the dirty repair, snapshots and bitmaps, as in qcow2_do_open
@@ -180,8 +181,6 @@ class Qcow2Driver(Driver):
             raise QimgError("Reference count table offset invalid")
         if h.crypt_method > 2:
             raise QimgError(f"Unsupported encryption method {h.crypt_method}")
-        if h.crypt_method == 2:
-            raise UnsupportedError("LUKS encrypted qcow2 images are not supported yet")
         if getattr(self, "_check_mode", False):
             pass
         elif h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
@@ -201,6 +200,67 @@ class Qcow2Driver(Driver):
             raise QimgError("L1 table is too small")
         if not _validate_table_offset(h.l1_table_offset, h.l1_size, 8, cs):
             raise QimgError("Active L1 table offset invalid")
+
+    # ---- LUKS encryption (crypt_method 2) -------------------------------------------
+    #: the open options that make QEMU name the image as json:{...}
+    strong_runtime_opts = ("encrypt.key-secret",)
+
+    def _open_crypto(self, options: dict[str, Any]) -> None:
+        """The encrypt.format option against the header (qcow2_update_options),
+        then the LUKS header the crypto header extension names, unlocked with
+        encrypt.key-secret unless only metadata is wanted
+        (qcow2_read_extensions, qcow2_do_open)."""
+        h = self.header
+        #: the LUKS volume (qimg.crypto.luks.Volume), None without LUKS
+        self.crypto: Any = None
+        fmt = options.get("encrypt.format")
+        if fmt is not None:
+            if not h.crypt_method:
+                raise QimgError(f"No encryption in image header, but options specified format '{fmt}'")
+            header_fmt = "aes" if h.crypt_method == 1 else "luks"
+            if fmt != header_fmt:
+                raise QimgError(f"Header reported '{header_fmt}' encryption format but options specify '{fmt}'")
+        no_io = bool(options.get("no_io"))
+        if h.crypto_error:
+            raise QimgError(h.crypto_error)
+        if h.crypto_header is not None:
+            from qimg.crypto import luks
+
+            read, _ = self.crypto_header_io()
+            self.crypto = luks.open_volume(read, options.get("encrypt.key-secret"), no_io, "encrypt.")
+        elif h.crypt_method == 2 and not no_io:
+            raise QimgError("Missing CRYPTO header for crypt method 2")
+
+    @property
+    def cipher(self) -> Any:
+        """The LUKS payload cipher (host sector N has IV N), or None."""
+        return self.crypto.cipher if self.crypto is not None else None
+
+    def crypto_header_io(self) -> tuple[Any, Any]:
+        """(read, write) of the LUKS header region, as QEMU's
+        qcow2_crypto_hdr_read_func/write_func: only inside its length."""
+        def place(pos: int, n: int) -> int:
+            # looked up at each call: creation names the region late
+            offset, length = self.header.crypto_header or (0, 0)
+            if pos + n > length:
+                raise QimgError("Request for data outside of extension header")
+            return offset + pos
+
+        def read(pos: int, n: int) -> bytes:
+            return self.file.pread(place(pos, n), n)
+
+        def write(pos: int, data: bytes) -> None:
+            self.file.pwrite(place(pos, len(data)), data)
+
+        return read, write
+
+    @property
+    def has_zero_init(self) -> bool:
+        """qcow2_has_zero_init: a preallocated encrypted image holds noise."""
+        if not self.encrypted:
+            return True
+        m = self.map
+        return not (len(m.l1) and int(m.l1[0]))
 
     def _repair_dirty(self) -> None:
         """A dirty image (lazy refcounts) has refcounts to rebuild before
@@ -277,6 +337,8 @@ class Qcow2Driver(Driver):
         data["refcount-bits"] = h.refcount_bits
         if h.crypt_method == 1:
             data["encrypt"] = {"format": "aes"}
+        elif self.crypto is not None:
+            data["encrypt"] = {"format": "luks", **self.crypto.info()}
         if h.version >= 3:
             data["corrupt"] = bool(h.incompatible_features & H.INCOMPAT_CORRUPT)
             data["extended-l2"] = h.extended_l2
@@ -332,7 +394,7 @@ class Qcow2Driver(Driver):
     @property
     def map(self) -> "ClusterMap":
         if self._map is None:
-            if self.encrypted:
+            if self.encrypted and self.cipher is None:
                 raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
             from qimg.formats.qcow2.cluster import ClusterMap
 
@@ -416,6 +478,9 @@ class Qcow2Driver(Driver):
             flags = OFFSET_VALID
         else:
             flags = 0
+        if self.encrypted:
+            # the file holds cipher text: no offset to read the data at
+            flags &= ~(OFFSET_VALID | RECURSE)
         if flags & OFFSET_VALID:
             host = (first & C.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
         if offset + run >= self.size:

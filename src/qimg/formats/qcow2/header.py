@@ -98,6 +98,9 @@ class QCowHeader:
     data_file: str | None = None
     feature_table: list[tuple[int, int, str]] = field(default_factory=list)
     crypto_header: tuple[int, int] | None = None  # (offset, length)
+    #: why QEMU would refuse the crypto header extension (the driver says
+    #: it after the header checks QEMU makes before reading extensions)
+    crypto_error: str | None = None
     bitmaps_ext: bytes | None = None
     unknown_extensions: list[Extension] = field(default_factory=list)
 
@@ -171,7 +174,7 @@ class QCowHeader:
             etype, elen = struct.unpack(">II", head)
             offset += 8
             if offset > end or elen > end - offset:
-                raise QimgError("Header extension too large")
+                raise QimgError(self.crypto_error or "Header extension too large")
             if etype == EXT_END:
                 return
             data = bytes(buf[offset:offset + elen]).ljust(elen, b"\0")
@@ -185,8 +188,16 @@ class QCowHeader:
                     for i in range(0, len(data) - 47, 48)
                 ]
             elif etype == EXT_CRYPTO:
-                if elen >= 16:
-                    self.crypto_header = struct.unpack(">QQ", data[:16])
+                self.crypto_header = struct.unpack(">QQ", data[:16].ljust(16, b"\0"))
+                if self.crypt_method != 2:
+                    self.crypto_error = "CRYPTO header extension only expected with LUKS encryption method"
+                elif elen != 16:
+                    self.crypto_error = f"CRYPTO header extension size {elen}, but expected size 16"
+                elif self.crypto_header[0] % self.cluster_size:
+                    self.crypto_error = (f"Encryption header offset '{self.crypto_header[0]}' is not a multiple "
+                                         f"of cluster size '{self.cluster_size}'")
+                if self.crypto_error:
+                    return  # QEMU's qcow2_read_extensions stops here
             elif etype == EXT_BITMAPS:
                 self.bitmaps_ext = data
             elif etype == EXT_DATA_FILE:
@@ -211,14 +222,14 @@ class QCowHeader:
             exts.extend(data)
             exts.extend(bytes(-len(data) % 8))
 
-        if self.version >= 3 or self.backing_format:
-            if self.backing_format:
-                ext(EXT_BACKING_FORMAT, self.backing_format.encode())
+        if self.backing_format:
+            ext(EXT_BACKING_FORMAT, self.backing_format.encode())
+        if self.version >= 3 and self.data_file:
+            ext(EXT_DATA_FILE, self.data_file.encode())
+        # a LUKS header is named in version 2 images too
+        if self.crypto_header:
+            ext(EXT_CRYPTO, struct.pack(">QQ", *self.crypto_header))
         if self.version >= 3:
-            if self.data_file:
-                ext(EXT_DATA_FILE, self.data_file.encode())
-            if self.crypto_header:
-                ext(EXT_CRYPTO, struct.pack(">QQ", *self.crypto_header))
             if include_feature_table:
                 table = self.feature_table or FEATURE_NAMES
                 ext(EXT_FEATURE_TABLE, b"".join(

@@ -46,6 +46,8 @@ def defer_data_writes(d: "Qcow2Driver", pwrite: "Callable[[int, object], None] |
 
 
 def _data_pwrite(d: "Qcow2Driver", host: int, buf) -> None:
+    if d.cipher is not None:
+        host, buf = _encrypted(d, host, buf)
     deferred = getattr(d, "_deferred", None)
     if deferred is None:
         d.data_file.pwrite(host, buf)
@@ -57,6 +59,59 @@ def _drain(d: "Qcow2Driver") -> None:
     deferred = getattr(d, "_deferred", None)
     if deferred is not None and deferred[1] is not None:
         deferred[1]()
+
+
+# ---- LUKS: data clusters hold cipher text -----------------------------------
+# Each 512-byte host sector is encrypted with its host sector number as IV
+# (QEMU's crypt_physical_offset), so the transformation happens right at the
+# data file: plain text above, cipher text below.  Host ranges that are not
+# whole sectors are widened to them (read-modify-write on writes), as the
+# 512-byte request alignment of an encrypted image makes QEMU do.
+_SECTOR = 512
+
+
+def _sector_span(host: int, length: int) -> tuple[int, int]:
+    return host & ~(_SECTOR - 1), -(-(host + length) // _SECTOR) * _SECTOR
+
+
+def _data_readinto(d: "Qcow2Driver", host: int, view: memoryview) -> None:
+    """Guest bytes of a NORMAL run at ``host`` into ``view``."""
+    cipher = d.cipher
+    if cipher is None:
+        d.data_file.preadinto(host, view)
+        return
+    start, end = _sector_span(host, len(view))
+    if start == host and end == host + len(view):
+        d.data_file.preadinto(host, view)
+        cipher.decrypt(view, host // _SECTOR)
+        return
+    buf = bytearray(end - start)
+    d.data_file.preadinto(start, memoryview(buf))
+    cipher.decrypt(buf, start // _SECTOR)
+    view[:] = memoryview(buf)[host - start:host - start + len(view)]
+
+
+def _data_read(d: "Qcow2Driver", host: int, length: int) -> bytearray:
+    out = bytearray(length)
+    _data_readinto(d, host, memoryview(out))
+    return out
+
+
+def _encrypted(d: "Qcow2Driver", host: int, buf) -> tuple[int, bytearray]:
+    """Cipher text for writing ``buf`` at ``host``, widened to whole sectors
+    (their other bytes read back through the cipher first)."""
+    view = memoryview(buf).cast("B")
+    start, end = _sector_span(host, len(view))
+    out = bytearray(end - start)
+    if start < host or end > host + len(view):
+        _drain(d)
+        if start < host:
+            out[:_SECTOR] = _data_read(d, start, _SECTOR)
+        if end > host + len(view):
+            out[-_SECTOR:] = _data_read(d, end - _SECTOR, _SECTOR)
+    out[host - start:host - start + len(view)] = view
+    d.cipher.encrypt(out, start // _SECTOR)
+    return start, out
 
 
 # ---- reading -------------------------------------------------------------------
@@ -75,7 +130,10 @@ def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
         kind, n, first = d.map.run(ci, ((offset + length - 1) >> cb) - ci + 1)
         if offset + length <= (ci + n) << cb:
             if kind == NORMAL:
-                return d.data_file.pread((first & L2E_OFFSET_MASK) + (offset & (cs - 1)), length)
+                host = (first & L2E_OFFSET_MASK) + (offset & (cs - 1))
+                if d.cipher is not None:
+                    return bytes(_data_read(d, host, length))
+                return d.data_file.pread(host, length)
             if kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED and d.backing is None):
                 return bytes(length)
     out = bytearray(length)
@@ -88,7 +146,7 @@ def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
         run_end = min(end, (ci + n) << cb)
         if kind == NORMAL:
             host = (first & L2E_OFFSET_MASK) + (pos & (cs - 1))
-            d.data_file.preadinto(host, view[pos - offset:run_end - offset])
+            _data_readinto(d, host, view[pos - offset:run_end - offset])
         elif kind == COMPRESSED:
             if d.data_file is not d.file:
                 from qimg.formats.qcow2.datafile import compressed_entry
@@ -127,7 +185,7 @@ def _cluster_content(d: "Qcow2Driver", ci: int) -> bytearray:
     kind, _, first = d.map.run(ci, 1)
     if kind == NORMAL:
         _drain(d)
-        return bytearray(d.data_file.pread(first & L2E_OFFSET_MASK, cs))
+        return _data_read(d, first & L2E_OFFSET_MASK, cs)
     if kind == COMPRESSED:
         return bytearray(_decompressed(d, first))
     if kind == UNALLOCATED and d.backing is not None:
@@ -678,6 +736,9 @@ def preallocate_data(d: "Qcow2Driver", old: int, size: int, prealloc: str) -> No
     head_data = bytes(_cluster_content(d, first)[:head]) if head else b""
     d.file.truncate(start + nb_data * cs, prealloc)
     if head_data:
+        if d.cipher is not None:
+            # it moves: encrypted again, for its new host sectors
+            start, head_data = _encrypted(d, start, head_data)
         d.file.pwrite(start, head_data)
     l2_bits = d.map.l2_bits
     # bdrv_co_truncate's BDRV_REQ_ZERO_WRITE: a backing file reaching past
@@ -858,7 +919,7 @@ def _read_ext(d: "Qcow2Driver", offset: int, length: int, through: bool) -> byte
         dst = view[pos - offset:run_end - offset]
         if kind == NORMAL:
             host = (first & L2E_OFFSET_MASK) + pos - ((pos >> cb) << cb)
-            d.data_file.preadinto(host, dst)
+            _data_readinto(d, host, dst)
         elif kind == COMPRESSED:
             base = (pos >> cb) << cb
             dst[:] = _decompressed(d, first)[pos - base:run_end - base]

@@ -12,7 +12,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from qimg.block.status import ALLOCATED, DATA, ZERO
-from qimg.errors import QimgError, UnsupportedError
+from qimg.errors import QimgError
 from qimg.formats.qcow2 import header as H
 
 if TYPE_CHECKING:
@@ -132,10 +132,13 @@ def measure(size: int | None, options: dict[str, Any], source: "Image | None") -
     if prealloc not in _PREALLOC:
         raise QimgError(f"invalid parameter value: {prealloc}")
     has_backing_file = options.get("backing_file") is not None
+    luks_payload_size = 0
     if options.get("encrypt.format") == "luks":
-        if not options.get("encrypt.key-secret"):
-            raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
-        raise UnsupportedError("Measuring LUKS encrypted qcow2 images is not supported yet")
+        from qimg.crypto import luks
+
+        # the LUKS header a new image would hold, in whole clusters
+        header = luks.payload_size(luks.create_options(options, "encrypt."), "encrypt.")
+        luks_payload_size = _round_up(header, cluster_size)
     virtual_size = _round_up(size or 0, cluster_size)
     l2e_size = 16 if extended_l2 else 8
     l2_tables = _div_round_up(virtual_size // cluster_size, cluster_size // l2e_size)
@@ -148,7 +151,7 @@ def measure(size: int | None, options: dict[str, Any], source: "Image | None") -
     if prealloc in ("full", "falloc"):
         required = virtual_size
     refcount_order = refcount_bits.bit_length() - 1
-    fully = calc_prealloc_size(virtual_size, cluster_size, refcount_order, extended_l2)
+    fully = luks_payload_size + calc_prealloc_size(virtual_size, cluster_size, refcount_order, extended_l2)
     result = {"required": fully - virtual_size + required, "fully-allocated": fully}
     if version >= 3 and source is not None:
         bitmaps = source.driver.persistent_bitmaps_size(cluster_size)
