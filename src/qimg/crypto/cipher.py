@@ -51,7 +51,7 @@ IVGEN_ALGS = ("plain", "plain64", "essiv")
 SUPPORTED_ALGS = ("aes-128", "aes-192", "aes-256")
 
 #: bytes encrypted per pass: bounds the scratch arrays of a large request
-_CHUNK = 1 << 20
+_CHUNK = 2 << 20
 
 
 def key_len(alg: str) -> int:
