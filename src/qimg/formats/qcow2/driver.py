@@ -230,6 +230,16 @@ class Qcow2Driver(Driver):
             self.crypto = luks.open_volume(read, options.get("encrypt.key-secret"), no_io, "encrypt.")
         elif h.crypt_method == 2 and not no_io:
             raise QimgError("Missing CRYPTO header for crypt method 2")
+        elif h.crypt_method == 1 and not no_io:
+            # qcrypto_block_open of the legacy "qcow" (AES) format: the key
+            # is needed at open; its data path is not implemented here yet
+            secret = options.get("encrypt.key-secret")
+            if not secret:
+                raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
+            from qimg.crypto.secret import lookup_utf8
+
+            lookup_utf8(secret)
+            raise UnsupportedError("AES-encrypted qcow2 images can only be inspected (info) yet")
 
     @property
     def cipher(self) -> Any:
