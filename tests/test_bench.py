@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import make_image, needs_qemu, qemu_io_cmds, run_qemu, run_qemu_io, run_qimg
+from conftest import make_image, needs_qemu, qemu_io_cmds, run_qemu, run_qimg
 
 RUN_LINE = re.compile(rb"^Run completed in \d+\.\d{3} seconds\.$", re.M)
 

@@ -12,8 +12,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
-
 from conftest import needs_qemu, run_qemu, run_qemu_io, run_qimg, same
 
 MiB = 1 << 20

@@ -6,7 +6,6 @@ table and a refcount block of an image qemu-io wrote)."""
 from __future__ import annotations
 
 import random
-import shutil
 import struct
 import subprocess
 from pathlib import Path

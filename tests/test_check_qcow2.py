@@ -5,7 +5,6 @@ an image qemu-img/qemu-io wrote), and their repair with -r leaks / -r all."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Callable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io, run_qimg
+from conftest import assert_same, needs_qemu, run_qemu, run_qemu_io
 
 from qimg.ops import map as ops_map
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from qimg.block import lock
 from qimg.block.driver import Driver
 from qimg.block.probe import PROBE_BYTES, probe_format
-from qimg.block.status import ALLOCATED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
+from qimg.block.status import DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
 from qimg.errors import QimgError
 from qimg.formats import get_driver
 from qimg.protocols.file import File

@@ -255,3 +255,15 @@ class SectorCipher:
         counters[:, :, 0] = hi_j
         counters[:, :, 1] = lo_j
         data ^= self._aes.crypt(counters, True)
+
+
+def legacy_aes(secret_id: str | None) -> SectorCipher:
+    """QEMU's "qcow" crypto format (qcow's and qcow2's encrypt.format=aes):
+    AES-128-CBC with plain64 IVs, the key the passphrase's first 16 bytes,
+    zero padded (qcrypto_block_qcow_init).  Nothing about the key is stored:
+    a wrong passphrase reads as noise, as in QEMU."""
+    from qimg.crypto.secret import lookup_utf8
+
+    if not secret_id:
+        raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
+    return SectorCipher("aes-128", "cbc", lookup_utf8(secret_id)[:16].ljust(16, b"\0"), "plain64")

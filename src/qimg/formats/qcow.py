@@ -12,11 +12,8 @@ There is no copy-on-write of the untouched part of a cluster: QEMU creates
 images with a backing file with 512-byte clusters, so the 512-byte request
 alignment (partial sectors are read through the chain first) is enough.
 
-Encryption (crypt_method 1, QEMU's "qcow" crypto format): every data
-sector is AES-128-CBC encrypted with the plain64 IV of its guest sector
-number; the key is the passphrase's first 16 bytes, zero padded.  Nothing
-about the key is stored, so a wrong passphrase reads as garbage, as in
-QEMU.  The unwritten sectors of a newly allocated cluster hold encrypted
+Encryption (crypt_method 1, qimg.crypto.cipher.legacy_aes): every data
+sector is encrypted with the IV of its guest sector number.  The unwritten sectors of a newly allocated cluster hold encrypted
 zeroes; compressed clusters are not encrypted.
 """
 
@@ -513,13 +510,6 @@ class QcowDriver(Driver):
 
 
 def _cipher(options: dict[str, Any]) -> Any:
-    """QEMU's "qcow" crypto format: AES-128-CBC, plain64 IVs, the key the
-    passphrase's first 16 bytes zero padded (qcrypto_block_qcow_init)."""
-    from qimg.crypto.cipher import SectorCipher
-    from qimg.crypto.secret import lookup_utf8
+    from qimg.crypto.cipher import legacy_aes
 
-    secret = options.get("encrypt.key-secret")
-    if not secret:
-        raise QimgError(KEY_REQUIRED)
-    key = lookup_utf8(secret)[:16].ljust(16, b"\0")
-    return SectorCipher("aes-128", "cbc", key, "plain64")
+    return legacy_aes(options.get("encrypt.key-secret"))

@@ -81,8 +81,6 @@ def _discard_all(d: "Qcow2Driver") -> None:
     entry becomes unallocated (not a zero cluster: the backing file must
     show through) and the clusters are released after the tables are
     written, so a crash leaks clusters at worst.  A table at a time."""
-    import numpy as np
-
     from qimg.formats.qcow2 import io
     from qimg.formats.qcow2.cluster import L2E_OFFSET_MASK
 

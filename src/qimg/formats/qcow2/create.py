@@ -14,7 +14,7 @@ import struct
 from typing import Any
 
 from qimg.block.options import BOOL, NUMBER, SIZE, STRING, OptionSpec
-from qimg.errors import QimgError, UnsupportedError
+from qimg.errors import QimgError
 from qimg.formats.qcow2 import datafile, header as H
 
 _CLUSTER_SIZE_HELP = "qcow2 cluster size"
@@ -107,11 +107,13 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
     if version < 3 and ctype != "zlib":
         raise QimgError("Non-zlib compression type is only supported with compatibility level 1.1 "
                         "and above (use version=v3 or greater)")
-    if luks is None and (o.get("encryption") or o.get("encrypt.format")):
-        # legacy AES-CBC (encrypt.format=aes): insecure, never written
-        if not o.get("encrypt.key-secret"):
-            raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
-        raise UnsupportedError("Creating encrypted qcow2 images is not supported yet")
+    aes = luks is None and bool(o.get("encryption") or o.get("encrypt.format"))
+    if aes:
+        # the legacy AES scheme stores nothing but crypt_method 1; its key
+        # must still be there (qcrypto_block_qcow_init)
+        from qimg.crypto.cipher import legacy_aes
+
+        legacy_aes(o.get("encrypt.key-secret"))
     if o.get("data_file_raw") and prealloc == "off":
         # the raw data file must match the metadata: map every cluster
         prealloc = "metadata"
@@ -125,7 +127,7 @@ def _validate(size: int, o: dict[str, Any]) -> dict[str, Any]:
                 refcount_order=refcount_bits.bit_length() - 1, lazy=lazy, extl2=extl2,
                 data_file=o.get("data_file") or None, data_file_raw=bool(o.get("data_file_raw")),
                 backing_file=o.get("backing_file") or None, backing_fmt=o.get("backing_fmt") or None,
-                luks=luks)
+                luks=luks, aes=aes)
 
 
 #: the encrypt.* members of each QCryptoBlockCreateOptions branch
@@ -220,6 +222,8 @@ def _write_image(f: "Any", filename: str, v: dict[str, Any]) -> None:
         _grow(filename, v["size"], v["prealloc"])
     if v["luks"] is not None:
         _set_up_luks(filename, v["luks"])
+    elif v["aes"]:
+        f.pwrite(32, struct.pack(">I", 1))  # crypt_method
 
 
 def _set_refcount(block: bytearray, index: int, value: int, width: int) -> None:

@@ -213,6 +213,10 @@ class Qcow2Driver(Driver):
         h = self.header
         #: the LUKS volume (qimg.crypto.luks.Volume), None without LUKS
         self.crypto: Any = None
+        #: the legacy AES cipher (crypt_method 1), None without it
+        self._aes: Any = None
+        #: its sectors' IVs are guest sector numbers (LUKS: host ones)
+        self.crypt_guest_iv = h.crypt_method == 1
         fmt = options.get("encrypt.format")
         if fmt is not None:
             if not h.crypt_method:
@@ -231,19 +235,16 @@ class Qcow2Driver(Driver):
         elif h.crypt_method == 2 and not no_io:
             raise QimgError("Missing CRYPTO header for crypt method 2")
         elif h.crypt_method == 1 and not no_io:
-            # qcrypto_block_open of the legacy "qcow" (AES) format: the key
-            # is needed at open; its data path is not implemented here yet
-            secret = options.get("encrypt.key-secret")
-            if not secret:
-                raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
-            from qimg.crypto.secret import lookup_utf8
+            # the legacy AES scheme: its key is needed at open
+            from qimg.crypto.cipher import legacy_aes
 
-            lookup_utf8(secret)
-            raise UnsupportedError("AES-encrypted qcow2 images can only be inspected (info) yet")
+            self._aes = legacy_aes(options.get("encrypt.key-secret"))
 
     @property
     def cipher(self) -> Any:
-        """The LUKS payload cipher (host sector N has IV N), or None."""
+        """The data sectors' cipher (see crypt_guest_iv), or None."""
+        if self._aes is not None:
+            return self._aes
         return self.crypto.cipher if self.crypto is not None else None
 
     def crypto_header_io(self) -> tuple[Any, Any]:

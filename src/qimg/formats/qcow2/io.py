@@ -45,9 +45,10 @@ def defer_data_writes(d: "Qcow2Driver", pwrite: "Callable[[int, object], None] |
     d._deferred = None if pwrite is None else (pwrite, drain)
 
 
-def _data_pwrite(d: "Qcow2Driver", host: int, buf) -> None:
+def _data_pwrite(d: "Qcow2Driver", host: int, buf, guest: int) -> None:
+    """Guest bytes at guest offset ``guest`` into data clusters at ``host``."""
     if d.cipher is not None:
-        host, buf = _encrypted(d, host, buf)
+        host, buf = _encrypted(d, host, buf, guest)
     deferred = getattr(d, "_deferred", None)
     if deferred is None:
         d.data_file.pwrite(host, buf)
@@ -61,12 +62,15 @@ def _drain(d: "Qcow2Driver") -> None:
         deferred[1]()
 
 
-# ---- LUKS: data clusters hold cipher text -----------------------------------
-# Each 512-byte host sector is encrypted with its host sector number as IV
-# (QEMU's crypt_physical_offset), so the transformation happens right at the
-# data file: plain text above, cipher text below.  Host ranges that are not
-# whole sectors are widened to them (read-modify-write on writes), as the
-# 512-byte request alignment of an encrypted image makes QEMU do.
+# ---- encryption: data clusters hold cipher text ------------------------------
+# Each 512-byte sector is encrypted with its sector number as IV: the host
+# sector for LUKS (QEMU's crypt_physical_offset), the guest sector for the
+# legacy AES scheme.  The transformation happens right at the data file:
+# plain text above, cipher text below; callers give the guest offset of the
+# bytes with the host one (both lie at one offset within their cluster).
+# Ranges that are not whole sectors are widened to them (read-modify-write
+# on writes), as the 512-byte request alignment of an encrypted image makes
+# QEMU do.
 _SECTOR = 512
 
 
@@ -74,8 +78,12 @@ def _sector_span(host: int, length: int) -> tuple[int, int]:
     return host & ~(_SECTOR - 1), -(-(host + length) // _SECTOR) * _SECTOR
 
 
-def _data_readinto(d: "Qcow2Driver", host: int, view: memoryview) -> None:
-    """Guest bytes of a NORMAL run at ``host`` into ``view``."""
+def _iv_sector(d: "Qcow2Driver", host: int, guest: int) -> int:
+    return (guest if d.crypt_guest_iv else host) // _SECTOR
+
+
+def _data_readinto(d: "Qcow2Driver", host: int, view: memoryview, guest: int) -> None:
+    """Guest bytes at guest offset ``guest`` of a NORMAL run at ``host`` into ``view``."""
     cipher = d.cipher
     if cipher is None:
         d.data_file.preadinto(host, view)
@@ -83,34 +91,36 @@ def _data_readinto(d: "Qcow2Driver", host: int, view: memoryview) -> None:
     start, end = _sector_span(host, len(view))
     if start == host and end == host + len(view):
         d.data_file.preadinto(host, view)
-        cipher.decrypt(view, host // _SECTOR)
+        cipher.decrypt(view, _iv_sector(d, host, guest))
         return
     buf = bytearray(end - start)
     d.data_file.preadinto(start, memoryview(buf))
-    cipher.decrypt(buf, start // _SECTOR)
+    cipher.decrypt(buf, _iv_sector(d, start, guest - (host - start)))
     view[:] = memoryview(buf)[host - start:host - start + len(view)]
 
 
-def _data_read(d: "Qcow2Driver", host: int, length: int) -> bytearray:
+def _data_read(d: "Qcow2Driver", host: int, length: int, guest: int) -> bytearray:
     out = bytearray(length)
-    _data_readinto(d, host, memoryview(out))
+    _data_readinto(d, host, memoryview(out), guest)
     return out
 
 
-def _encrypted(d: "Qcow2Driver", host: int, buf) -> tuple[int, bytearray]:
-    """Cipher text for writing ``buf`` at ``host``, widened to whole sectors
-    (their other bytes read back through the cipher first)."""
+def _encrypted(d: "Qcow2Driver", host: int, buf, guest: int) -> tuple[int, bytearray]:
+    """Cipher text for writing ``buf`` at ``host`` (guest offset ``guest``),
+    widened to whole sectors (their other bytes read back through the
+    cipher first)."""
     view = memoryview(buf).cast("B")
     start, end = _sector_span(host, len(view))
     out = bytearray(end - start)
+    gstart = guest - (host - start)
     if start < host or end > host + len(view):
         _drain(d)
         if start < host:
-            out[:_SECTOR] = _data_read(d, start, _SECTOR)
+            out[:_SECTOR] = _data_read(d, start, _SECTOR, gstart)
         if end > host + len(view):
-            out[-_SECTOR:] = _data_read(d, end - _SECTOR, _SECTOR)
+            out[-_SECTOR:] = _data_read(d, end - _SECTOR, _SECTOR, gstart + (end - start) - _SECTOR)
     out[host - start:host - start + len(view)] = view
-    d.cipher.encrypt(out, start // _SECTOR)
+    d.cipher.encrypt(out, _iv_sector(d, start, gstart))
     return start, out
 
 
@@ -132,7 +142,7 @@ def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
             if kind == NORMAL:
                 host = (first & L2E_OFFSET_MASK) + (offset & (cs - 1))
                 if d.cipher is not None:
-                    return bytes(_data_read(d, host, length))
+                    return bytes(_data_read(d, host, length, offset))
                 return d.data_file.pread(host, length)
             if kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED and d.backing is None):
                 return bytes(length)
@@ -146,7 +156,7 @@ def read(d: "Qcow2Driver", offset: int, length: int) -> bytes:
         run_end = min(end, (ci + n) << cb)
         if kind == NORMAL:
             host = (first & L2E_OFFSET_MASK) + (pos & (cs - 1))
-            _data_readinto(d, host, view[pos - offset:run_end - offset])
+            _data_readinto(d, host, view[pos - offset:run_end - offset], pos)
         elif kind == COMPRESSED:
             if d.data_file is not d.file:
                 from qimg.formats.qcow2.datafile import compressed_entry
@@ -185,7 +195,7 @@ def _cluster_content(d: "Qcow2Driver", ci: int) -> bytearray:
     kind, _, first = d.map.run(ci, 1)
     if kind == NORMAL:
         _drain(d)
-        return _data_read(d, first & L2E_OFFSET_MASK, cs)
+        return _data_read(d, first & L2E_OFFSET_MASK, cs, ci * cs)
     if kind == COMPRESSED:
         return bytearray(_decompressed(d, first))
     if kind == UNALLOCATED and d.backing is not None:
@@ -387,12 +397,12 @@ def write(d: "Qcow2Driver", offset: int, data: memoryview) -> None:
                 # The rest of the edge clusters must read as zeroes after.
                 run_end = min(d.size, (ci + n) << cb)
                 if pos & (cs - 1):
-                    _data_pwrite(d, base, bytes(pos & (cs - 1)))
+                    _data_pwrite(d, base, bytes(pos & (cs - 1)), ci << cb)
                 if seg_end < run_end and seg_end & (cs - 1):
                     tail_end = min(((seg_end >> cb) + 1) << cb, (ci + n) << cb)
-                    _data_pwrite(d, base + seg_end - (ci << cb), bytes(tail_end - seg_end))
+                    _data_pwrite(d, base + seg_end - (ci << cb), bytes(tail_end - seg_end), seg_end)
             check_overlap(d, host, seg_end - pos)
-            _data_pwrite(d, host, data[pos - offset:seg_end - offset])
+            _data_pwrite(d, host, data[pos - offset:seg_end - offset], pos)
             d._zcache = None
             if kind == ZERO_ALLOC:
                 tab = _ensure_l2(d, ci >> l2_bits)
@@ -425,21 +435,21 @@ def _alloc_write(d: "Qcow2Driver", ci: int, n: int, pos: int, data: memoryview) 
             buf = first if first is not None else last
             assert buf is not None
             buf[head:head + len(data)] = data
-            _data_pwrite(d, host, buf)
+            _data_pwrite(d, host, buf, start)
         else:
             mid_start = cs if head else 0
             mid_end = (n - 1) << cb if tail else n << cb
             if first is not None:
                 first[head:] = data[:cs - head]
-                _data_pwrite(d, host, first)
+                _data_pwrite(d, host, first, start)
             if mid_end > mid_start:
-                _data_pwrite(d, host + mid_start, data[mid_start - head:mid_end - head])
+                _data_pwrite(d, host + mid_start, data[mid_start - head:mid_end - head], start + mid_start)
             if last is not None:
                 keep = cs - tail
                 last[:keep] = data[len(data) - keep:]
-                _data_pwrite(d, host + ((n - 1) << cb), last)
+                _data_pwrite(d, host + ((n - 1) << cb), last, start + ((n - 1) << cb))
     else:
-        _data_pwrite(d, host, data)
+        _data_pwrite(d, host, data, start)
     i = ci & ((1 << d.map.l2_bits) - 1)
     old = tab[i:i + n].copy()
     tab[i:i + n] = (_U64(host) + np.arange(n, dtype=_U64) * _U64(cs)) | _U64(QCOW_OFLAG_COPIED)
@@ -738,7 +748,7 @@ def preallocate_data(d: "Qcow2Driver", old: int, size: int, prealloc: str) -> No
     if head_data:
         if d.cipher is not None:
             # it moves: encrypted again, for its new host sectors
-            start, head_data = _encrypted(d, start, head_data)
+            start, head_data = _encrypted(d, start, head_data, first << cb)
         d.file.pwrite(start, head_data)
     l2_bits = d.map.l2_bits
     # bdrv_co_truncate's BDRV_REQ_ZERO_WRITE: a backing file reaching past
@@ -919,7 +929,7 @@ def _read_ext(d: "Qcow2Driver", offset: int, length: int, through: bool) -> byte
         dst = view[pos - offset:run_end - offset]
         if kind == NORMAL:
             host = (first & L2E_OFFSET_MASK) + pos - ((pos >> cb) << cb)
-            _data_readinto(d, host, dst)
+            _data_readinto(d, host, dst, pos)
         elif kind == COMPRESSED:
             base = (pos >> cb) << cb
             dst[:] = _decompressed(d, first)[pos - base:run_end - base]
@@ -1018,7 +1028,7 @@ def _write_ext_run(d: "Qcow2Driver", ci: int, n: int, pos: int, buf: memoryview,
             # nothing but allocated subclusters: a plain overwrite
             host = int(ents[0]) & L2E_OFFSET_MASK
             check_overlap(d, host + wfrom, len(buf))
-            _data_pwrite(d, host + wfrom, buf)
+            _data_pwrite(d, host + wfrom, buf, start + wfrom)
             d._zcache = None
             return host + (n << cb)
         cow_from = wfrom if k_first == NORMAL else sc_first << scb
@@ -1047,13 +1057,13 @@ def _write_ext_run(d: "Qcow2Driver", ci: int, n: int, pos: int, buf: memoryview,
         host = alloc_data(d, start, n << cb)
     check_overlap(d, host + cow_from, cow_to - cow_from)
     if len(buf) <= 1 << 20 and (head or tail):
-        _data_pwrite(d, host + cow_from, b"".join((head, buf, tail)))
+        _data_pwrite(d, host + cow_from, b"".join((head, buf, tail)), start + cow_from)
     else:
         if head:
-            _data_pwrite(d, host + cow_from, head)
-        _data_pwrite(d, host + wfrom, buf)
+            _data_pwrite(d, host + cow_from, head, start + cow_from)
+        _data_pwrite(d, host + wfrom, buf, start + wfrom)
         if tail:
-            _data_pwrite(d, host + wto, tail)
+            _data_pwrite(d, host + wto, tail, start + wto)
     d._zcache = None
     # qcow2_alloc_cluster_link_l2: subclusters [cow_from, cow_to) become
     # allocated, their zero bits go.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, NoReturn
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
-from qimg.errors import QimgError, UnsupportedError
+from qimg.errors import QimgError
 from qimg.formats.qcow2.header import hx
 
 if TYPE_CHECKING:
