@@ -165,6 +165,8 @@ def _header_cases(data: bytes) -> dict[str, bytes]:
         "large_size": patch(24, ">Q", 1 << 33),
         "backing_name_long": patch(16, ">I", 5000, patch(8, ">Q", 48)),
         "l1_past_eof": patch(40, ">Q", 1 << 40),
+        # an offset no file can have: qemu's bdrv_pread fails with EIO
+        "backing_offset_huge": patch(8, ">Q", 1 << 63, patch(16, ">I", 8)),
         "truncated": data[:30],
         # versions 2 and 3 add qemu's unprefixed "Try the 'qcow2' driver instead."
         "version_2": patch(4, ">I", 2),
@@ -173,7 +175,8 @@ def _header_cases(data: bytes) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("case", ["size_one", "cluster_bits", "l2_bits", "crypt_method", "size_near_max",
-                                  "huge_size", "large_size", "backing_name_long", "l1_past_eof", "truncated",
+                                  "huge_size", "large_size", "backing_name_long", "l1_past_eof", "backing_offset_huge",
+                                  "truncated",
                                   "version_2", "version_3"])
 def test_hostile_headers(tmp_path, case):
     run_qemu("create", "-q", "-f", "qcow", "w.qcow", "1M", cwd=str(tmp_path))

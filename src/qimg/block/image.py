@@ -332,6 +332,10 @@ def open_image(
             file.set_perm(*lock.image_perms(fmt, not writes, force_share, no_io))
         with lock.ChildOpen(force_share, no_io):
             driver = drv_cls.open(file, read_only=read_only, options=options)
+    except OSError as e:
+        # a header read that fails (bdrv_open's -errno, as qemu words it)
+        file.close()
+        raise QimgError(f"Could not open '{filename}': {e.strerror}") from None
     except BaseException:
         file.close()
         raise

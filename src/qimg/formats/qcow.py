@@ -56,7 +56,6 @@ CREATE_OPTS = [
     OptionSpec("encrypt.key-secret", STRING, "ID of the secret that provides the AES encryption key"),
 ]
 
-KEY_REQUIRED = "Parameter 'encrypt.key-secret' is required for cipher"
 
 
 class QcowDriver(Driver):
@@ -78,6 +77,7 @@ class QcowDriver(Driver):
     # ---- creation -----------------------------------------------------------
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
+        from qimg.crypto.cipher import legacy_aes
         from qimg.formats import FORMATS
         from qimg.formats.raw import RawDriver
 
@@ -99,7 +99,7 @@ class QcowDriver(Driver):
             raise QimgError("Unsupported encryption format")
         encrypt = bool(options.get("encryption") or fmt is not None)
         if encrypt:
-            _cipher(options)  # the secret must be there (qcrypto_block_create)
+            legacy_aes(options.get("encrypt.key-secret"))  # the secret must be there
         backing = options.get("backing_file")
         if backing == "fat:":
             backing = None  # QEMU's special name for vvfat: not stored
@@ -141,7 +141,11 @@ class QcowDriver(Driver):
             raise QimgError("invalid encryption method in qcow header")
         self.encrypted = crypt == QCOW_CRYPT_AES
         #: the data sectors' cipher (None: not encrypted, or opened for info only)
-        self._cipher = _cipher(options) if self.encrypted and not options.get("no_io") else None
+        self._cipher = None
+        if self.encrypted and not options.get("no_io"):
+            from qimg.crypto.cipher import legacy_aes
+
+            self._cipher = legacy_aes(options.get("encrypt.key-secret"))
         self.cluster_bits = cbits
         self.cluster_size = 1 << cbits
         self.l2_bits = l2bits
@@ -507,9 +511,3 @@ class QcowDriver(Driver):
     # ---- description ------------------------------------------------------------
     def dirty_flag(self) -> bool:
         return False
-
-
-def _cipher(options: dict[str, Any]) -> Any:
-    from qimg.crypto.cipher import legacy_aes
-
-    return legacy_aes(options.get("encrypt.key-secret"))

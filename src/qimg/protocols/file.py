@@ -58,6 +58,13 @@ def keep_freed_buffers() -> None:
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's largest)
 
 
+def _check_request(offset: int, length: int) -> None:
+    """bdrv_check_request: an offset a header may name but no file can have
+    fails with EIO, as in QEMU (not with os.pread's OverflowError)."""
+    if offset < 0 or length < 0 or offset > (1 << 63) - 1 - length:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
 class File:
     """A protocol node over one host file."""
 
@@ -133,6 +140,7 @@ class File:
     # ---- I/O ----------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes; past the end of file reads as zeroes."""
+        _check_request(offset, length)
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             # A short read in the middle (rare, but allowed) is continued.
@@ -150,6 +158,7 @@ class File:
         return data
 
     def preadinto(self, offset: int, buf: memoryview) -> int:
+        _check_request(offset, len(buf))
         n = os.preadv(self.fd, [buf], offset)
         total = n
         while 0 < n and total < len(buf):

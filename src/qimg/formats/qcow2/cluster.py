@@ -144,7 +144,8 @@ class ClusterMap:
             self._l2.move_to_end(l2_offset)
             return tab
         if l2_offset & (self.cluster_size - 1):
-            l1_index = int(np.flatnonzero((self.l1 & np.uint64(L1E_OFFSET_MASK)) == np.uint64(l2_offset))[0])
+            hits = np.flatnonzero((self.l1 & np.uint64(L1E_OFFSET_MASK)) == np.uint64(l2_offset))
+            l1_index = int(hits[0]) if len(hits) else 0  # (a snapshot's table may name it)
             self.on_corruption(f"L2 table offset {l2_offset:#x} unaligned (L1 index: {hx(l1_index)})")
         if len(self._l2) >= self._max_tables:
             self._evict()

@@ -102,7 +102,8 @@ class Refcounts:
         blk = self._blocks.get(offset)
         if blk is None:
             if offset & (self.cluster_size - 1):
-                index = int(np.flatnonzero((self.table & np.uint64(REFT_OFFSET_MASK)) == np.uint64(offset))[0])
+                hits = np.flatnonzero((self.table & np.uint64(REFT_OFFSET_MASK)) == np.uint64(offset))
+                index = int(hits[0]) if len(hits) else 0  # (a table being built holds it)
                 self.on_corruption(f"Refblock offset {offset:#x} unaligned (reftable index: {hx(index)})")
             if len(self._blocks) * self.cluster_size > _CACHE_BYTES:
                 self._evict()
