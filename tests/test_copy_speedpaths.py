@@ -172,3 +172,91 @@ def test_read_only_file_extent_memory_follows_writes(tmp_path):
         f.write(b"\2" * MiB)
     assert ro.data_extent(MiB + 4096, 4 * MiB) == (True, 2 * MiB - 4096)
     ro.close()
+
+
+@needs_qemu
+@pytest.mark.parametrize("cluster", ["512", "4k", "64k"])
+@pytest.mark.parametrize("mode", ["plain", "backing", "compressed"])
+def test_plan_from_bulk_walk_is_the_block_status_plan(tmp_path, cluster, mode, monkeypatch):
+    """convert plans a qcow2 source from one bulk walk of its L2 tables
+    (without the cluster map): the chunks are those asking block_status
+    at every step gives, over data, zero, compressed and discarded
+    clusters, tables left unallocated and a short last cluster."""
+    from qimg.block.image import open_image
+    from qimg.ops import bulk, copy
+
+    q = str(tmp_path / "src.qcow2")
+    assert run_qemu("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", q,
+                    str(20 * MiB + 1536)).returncode == 0
+    run_qemu_io("-c", "write -P 0x5a 0 3M", "-c", "write -z 1M 300k", "-c", "write -c -P 7 4M 256k",
+                "-c", "discard 2M 64k", "-c", "write -P 1 9M 4k", "-c", "write -P 2 20M 1536",
+                "-c", "write -z 12M 2M", q)
+    img = open_image(q, "qcow2")
+    tgt = open_image(q, "qcow2")
+    try:
+        def chunks():
+            job = copy.CopyJob([img], tgt, compressed=mode == "compressed")
+            job.target_has_backing = mode == "backing"
+            job.cluster_sectors = 128
+            return [(c.sector, c.sectors, c.status, c.host, c.zsrc) for c in copy.plan(job)]
+
+        answered = []
+        walk_at = bulk.BulkRuns.at
+        monkeypatch.setattr(bulk.BulkRuns, "at", lambda self, offset: answered.append(walk_at(self, offset))
+                            or answered[-1])
+        fast = chunks()
+        assert len(fast) > 10 and all(ext is not None for ext in answered)
+        monkeypatch.setattr(bulk.BulkRuns, "at", lambda self, offset: None)
+        assert fast == chunks()
+    finally:
+        img.close()
+        tgt.close()
+
+
+@needs_qemu
+def test_qcow2_to_raw_does_not_import_numpy(tmp_path, src):
+    """Importing numpy costs a sizeable part of converting a few GiB: a
+    qcow2 of a few L2 tables converts to raw (and compares) without it,
+    and raw converts into a new qcow2 without it."""
+    import subprocess
+    import sys
+
+    q = str(tmp_path / "src.qcow2")
+    assert run_qemu("convert", "-f", "raw", "-O", "qcow2", src, q).returncode == 0
+    code = ("import sys; from qimg.cli.main import main; "
+            "rc = main(sys.argv[1:]); print(rc, 'numpy' in sys.modules)")
+    for args in (["convert", "-f", "qcow2", "-O", "raw", q, str(tmp_path / "out.raw")],
+                 ["compare", "-f", "raw", "-F", "qcow2", src, q],
+                 ["convert", "-f", "raw", "-O", "qcow2", src, str(tmp_path / "out.qcow2")]):
+        p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert p.stdout.split()[-2:] == ["0", "False"], p.stdout + p.stderr
+    with open(src, "rb") as a, open(tmp_path / "out.raw", "rb") as b:
+        assert a.read() == b.read()
+    assert run_qemu("check", str(tmp_path / "out.qcow2")).returncode == 0
+    assert run_qemu("compare", "-f", "raw", "-F", "qcow2", src, str(tmp_path / "out.qcow2")).returncode == 0
+
+
+@needs_qemu
+@pytest.mark.parametrize("cluster", ["512", "64k"])
+def test_fill_of_new_qcow2_hands_over(tmp_path, cluster):
+    """Writes into a new image fill it without its cluster map until one
+    goes behind the last (or, with small clusters, outgrows the first
+    refcount block): the image's own metadata then takes over.  The result
+    reads back as written and is the image qemu-io's same writes make."""
+    from qimg.block.image import open_image
+
+    mine, theirs = str(tmp_path / "mine.qcow2"), str(tmp_path / "theirs.qcow2")
+    for path in (mine, theirs):
+        assert run_qemu("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", path, "8M").returncode == 0
+    writes = [(0, 70000, 1), (70000, 5000, 2), (300000, 200000, 3), (7 * MiB + 100, 4096, 4), (65536, 512, 5)]
+    img = open_image(mine, "qcow2", read_only=False)
+    try:
+        assert img.driver.begin_fill()
+        for off, n, pat in writes:
+            img.write(off, bytes([pat]) * n)
+    finally:
+        img.close()
+    run_qemu_io(*[a for off, n, pat in writes for a in ("-c", f"write -q -P {pat} {off} {n}")], theirs)
+    assert run_qemu("check", mine).returncode == 0
+    with open(mine, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from qimg.ops.workers import Workers
 from typing import Callable, Iterator
 
 from qimg.block.image import Image, open_image
 from qimg.block.status import ALLOCATED, COMPRESSED, ZERO
 from qimg.errors import QimgError
+from qimg.ops.bulk import BulkRuns
 from qimg.ops.copy import SECTOR, block_status_above, direct_host, read_error
 from qimg.ops.progress import FloatAccumulator
 from qimg.record import dataclass
@@ -137,7 +138,7 @@ def compare_images(
         return CompareResult(False, None, "Strict mode: Image size mismatch!", code=DIFFERENT)
     offset = total
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with Workers(2) as pool:
             found = _compare_common(img1, img2, name1, name2, total, strict, pool, advance)
         if found is not None:
             return found
@@ -183,9 +184,7 @@ class _KnownStatus:
         self.flags = 0
         #: the run's data file offset, where it is plain data read straight from there
         self.host: int | None = None
-        #: qcow2 answers in bulk (formats/qcow2/scan.py: no cluster map, and
-        #: no numpy, for an image of a few L2 tables)
-        self.bulk = img.layer_status(0, img.size) if self.reuse and img.format == "qcow2" else None
+        self.bulk = BulkRuns(img)
         # QEMU's qcow2 answers for one L2 table's clusters at most, and for
         # one compressed cluster at a time: the chunks (and so the progress
         # steps) end there
@@ -200,8 +199,10 @@ class _KnownStatus:
         driver must be asked (reads of it run in other threads)."""
         if not (self.reuse and self.start <= offset < self.end):
             with lock:
-                if self.bulk is not None:
-                    self._next_run(offset, name)
+                ext = self.bulk.at(offset)
+                if ext is not None:
+                    self.start, self.end, self.flags = ext.offset, ext.end, ext.flags
+                    self.host = direct_host(self.img, ext)
                 else:
                     flags, pnum = _status(self.img, offset, length, name)
                     self.start, self.end, self.flags, self.host = offset, offset + pnum, flags, None
@@ -210,19 +211,6 @@ class _KnownStatus:
             unit = self.cluster if flags & COMPRESSED else self.table
             pnum = min(pnum, unit - offset % unit)
         return flags, pnum
-
-    def _next_run(self, offset: int, name: str) -> None:
-        """The bulk answer's run that holds ``offset``."""
-        try:
-            ext = next(self.bulk, None)  # type: ignore[arg-type]
-            while ext is not None and ext.length > 0 and ext.offset + ext.length <= offset:
-                ext = next(self.bulk, None)  # type: ignore[arg-type]
-        except OSError:
-            raise QimgError(f"Sector allocation test failed for {name}", STATUS_ERROR) from None
-        if ext is None or ext.length <= 0 or ext.offset > offset:
-            raise QimgError(f"Sector allocation test failed for {name}", STATUS_ERROR)
-        self.start, self.end, self.flags = ext.offset, ext.offset + ext.length, ext.flags
-        self.host = direct_host(self.img, ext)
 
     def host_at(self, offset: int) -> int | None:
         return None if self.host is None else self.host + offset - self.start
@@ -269,7 +257,7 @@ def _plan(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: 
 
 
 def _compare_common(img1: Image, img2: Image, name1: str, name2: str, total: int, strict: bool,
-                    pool: ThreadPoolExecutor, advance: Callable[[int], None]) -> CompareResult | None:
+                    pool: Workers, advance: Callable[[int], None]) -> CompareResult | None:
     """Compare the part both images have, the reads of the next chunks
     running in the pool (one image per thread at a time: format drivers'
     caches are not thread-safe) while this thread compares; the first

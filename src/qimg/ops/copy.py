@@ -19,13 +19,14 @@ import os
 import sys
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from qimg.ops.workers import Task, Workers
 from typing import Callable, Iterator
 
 from qimg.block.image import Image
 from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
 from qimg.errors import QimgError
-from qimg.ops.zeroes import classify, is_zero, nonzero_sectors, runs_of
+from qimg.ops.bulk import BulkRuns
+from qimg.ops.zeroes import ZeroScan, classify, is_zero
 from qimg.protocols.file import keep_freed_buffers
 from qimg.record import dataclass, field
 
@@ -51,6 +52,8 @@ BATCH_BYTES = 4 << 20
 #: clusters one worker reads and compresses in one task
 COMPRESS_BATCH = 16
 WORKERS = max(2, min(4, os.cpu_count() or 1))
+#: chunks of a plan kept from its first walk instead of walking it again
+PLAN_KEEP = 1 << 16
 
 
 def block_status_above(img: Image, offset: int, length: int, top_only: bool = False) -> tuple[int, int]:
@@ -113,6 +116,19 @@ def _status_above(img: Image, offset: int, length: int, top_only: bool) -> tuple
     if offset + pnum == eof:
         flags |= EOF
     return flags, pnum, None, False
+
+
+def _known_status(img: Image, bulk: BulkRuns, offset: int, length: int,
+                  top_only: bool) -> tuple[int, int, int | None, bool]:
+    """_status_above, from the bulk walk where it answers."""
+    ext = bulk.at(offset)
+    if ext is None:
+        return _status_above(img, offset, length, top_only)
+    host = direct_host(img, ext)
+    if host is not None:
+        host += offset - ext.offset
+    ztop = bool(ext.flags & COMPRESSED and ext.flags & ALLOCATED)
+    return ext.flags & ~RECURSE, min(ext.end - offset, length), host, ztop
 
 
 @dataclass
@@ -217,6 +233,7 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
     next_status = 0
     status = BLK_DATA
     status_sector, status_host, status_z = 0, None, False
+    bulk: list[BulkRuns | None] = [None] * len(job.sources)
     while sector < total:
         while sector - src_start >= job.src_sectors[src]:
             src_start += job.src_sectors[src]
@@ -234,13 +251,16 @@ def plan(job: CopyJob, locks: list | None = None) -> Iterator[Chunk]:
             n = min(n, job.src_sectors[src] - local)
             offset = local * SECTOR
             lock = locks[src] if locks else None
+            if bulk[src] is None:
+                bulk[src] = BulkRuns(img)
             while True:
                 try:
                     if lock is None:
-                        flags, count, host, ztop = _status_above(img, offset, n * SECTOR, job.target_has_backing)
+                        flags, count, host, ztop = _known_status(img, bulk[src], offset, n * SECTOR,
+                                                                 job.target_has_backing)
                     else:
                         with lock:
-                            flags, count, host, ztop = _status_above(img, offset, n * SECTOR,
+                            flags, count, host, ztop = _known_status(img, bulk[src], offset, n * SECTOR,
                                                                      job.target_has_backing)
                     break
                 except (OSError, QimgError) as e:
@@ -396,9 +416,15 @@ def run(job: CopyJob) -> None:
         # qemu-img walks all the block status once, counting the data,
         # before it copies: a block status that fails stops it with nothing
         # written.  (A plain raw file's cannot fail: no need to walk twice.)
-        for _ in chunks:
-            pass
-        chunks = plan(job, locks)
+        # A plan of a few chunks is kept from that walk; a longer one is
+        # walked again rather than held in memory.
+        kept = list(itertools.islice(chunks, PLAN_KEEP))
+        if len(kept) < PLAN_KEEP:
+            chunks = kept
+        else:
+            for _ in chunks:
+                pass
+            chunks = plan(job, locks)
     compressor = _compressor(job) if job.compressed else None
     # A raw target has no allocation order to keep: workers write to it
     # directly.  Other formats get their writes from this thread, in order.
@@ -419,11 +445,14 @@ def run(job: CopyJob) -> None:
         # goes to the file from a writer thread, in the same order.
         writer = _SerialWriter(job.target.driver.data_node)
         writer.attach(job.target.driver)
+        # a new image fills front to back without its cluster map (no numpy)
+        job.target.driver.begin_fill()
     try:
         _copy_loop(job, chunks, locks, compressor, direct, ahead, bufs, writer, total_alloc)
     finally:
         if writer is not None:
             writer.detach(job.target.driver)
+            job.target.driver.end_fill()
         sys.setswitchinterval(old_interval)
     if compressor is not None:
         _align_file_end(job.target)
@@ -453,16 +482,16 @@ class _SerialWriter:
         self._thread.start()
 
     def attach(self, driver) -> None:
-        from qimg.formats.qcow2 import io as qio
+        from qimg.formats.qcow2.deferred import defer_data_writes
 
-        qio.defer_data_writes(driver, self.pwrite, self.drain)
+        defer_data_writes(driver, self.pwrite, self.drain)
 
     def detach(self, driver) -> None:
-        from qimg.formats.qcow2 import io as qio
+        from qimg.formats.qcow2.deferred import defer_data_writes
 
         self._q.put(None)
         self._thread.join()
-        qio.defer_data_writes(driver, None)
+        defer_data_writes(driver, None)
 
     def _loop(self) -> None:
         import queue
@@ -555,9 +584,9 @@ def _copy_loop(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahea
 def _copy_chunks(job: CopyJob, chunks, locks: list, compressor, direct: bool, ahead: int,
                  bufs: "_BufferPool | None", writer: "_SerialWriter | None", count: Callable[[Chunk], None]) -> None:
     job.limiter = _RateLimit(job.rate_limit) if job.rate_limit else None
-    with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, job.coroutines))) as pool:
+    with Workers(max(1, min(WORKERS, job.coroutines))) as pool:
         try:
-            pending: deque[tuple[list[Chunk], Future | None]] = deque()
+            pending: deque[tuple[list[Chunk], Task | None]] = deque()
             it = iter(chunks)
             carry: Chunk | None = None
             exhausted = False
@@ -752,19 +781,21 @@ def _produce(job: CopyJob, group: list[Chunk], locks: list, direct: bool,
     parts = []
     # one look for non-zero sectors over the whole buffer, split per chunk
     # (a group of compressed clusters is many small chunks)
-    nz = nonzero_sectors(whole) if whole is not None and job.min_sparse and not offload else None
+    scan = ZeroScan(whole, group[0].sector, job.alignment) if whole is not None and job.min_sparse and not offload \
+        else None
     pos = 0
     for chunk, data in zip(group, views):
         if offload:
             runs = [(0, chunk.sectors, True)]
-        elif nz is not None:
-            runs = runs_of(nz[pos:pos + chunk.sectors], chunk.sector, job.min_sparse, job.alignment)
+        elif scan is not None:
+            runs = scan.runs(pos, chunk.sectors, job.min_sparse)
         elif job.min_sparse:
             runs = classify(data, chunk.sector, job.min_sparse, job.alignment)
         else:
             runs = [(0, chunk.sectors, True)]
         pos += chunk.sectors
         parts.append((data, runs))
+    scan = None  # its view of the buffer goes before the buffer goes back to the pool
     if direct:
         for chunk, part in zip(group, parts):
             try:

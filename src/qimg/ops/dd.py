@@ -262,7 +262,7 @@ def _copy(src: Image, dst: Image, start: int, end: int, bs: int) -> None:
     of whole blocks, the next request read in a thread while this one is
     written; a failed read is retried block by block so that the output
     gets every block before the bad one, as qemu-img's loop does."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from qimg.ops.workers import Task, Workers
 
     from qimg.protocols.file import keep_freed_buffers
 
@@ -274,8 +274,8 @@ def _copy(src: Image, dst: Image, start: int, end: int, bs: int) -> None:
         chunk = bs if bs <= BIG_BLOCK else CHUNK
     keep_freed_buffers()
     requests = [(pos, min(chunk, end - pos)) for pos in range(start, end, chunk)]
-    with ThreadPoolExecutor(1) as pool:
-        ahead: Future | None = None
+    with Workers(1) as pool:
+        ahead: Task | None = None
         for i, (pos, n) in enumerate(requests):
             current = ahead if ahead is not None else pool.submit(_read, src, pos, n)
             ahead = pool.submit(_read, src, *requests[i + 1]) if i + 1 < len(requests) else None

@@ -138,8 +138,6 @@ _QCOW_MEMBERS = ("key-secret",)
 def _encrypt_options(o: dict[str, Any]) -> Any:
     """The QAPI visit of the encrypt.* options: the LUKS create options
     (qimg.crypto.luks.CreateOptions), or None for no encryption or AES."""
-    from qimg.crypto import luks
-
     given = [s.name for s in CREATE_OPTS if s.name.startswith("encrypt.") and o.get(s.name) is not None]
     fmt = o.get("encrypt.format")
     if o.get("encryption"):
@@ -152,7 +150,11 @@ def _encrypt_options(o: dict[str, Any]) -> Any:
     if fmt not in ("qcow", "luks"):
         raise QimgError(f"Parameter 'format' does not accept value '{fmt}'")
     members = _LUKS_MEMBERS if fmt == "luks" else _QCOW_MEMBERS
-    opts = luks.create_options(o, "encrypt.") if fmt == "luks" else None
+    opts = None
+    if fmt == "luks":
+        from qimg.crypto import luks
+
+        opts = luks.create_options(o, "encrypt.")
     for name in given:
         if name != "encrypt.format" and name[len("encrypt."):] not in members:
             raise QimgError(f"Parameter '{name}' is unexpected")
@@ -218,7 +220,9 @@ def _write_image(f: "Any", filename: str, v: dict[str, Any]) -> None:
         _set_refcount(block, i, 1, width)
     f.pwrite(cs, table + bytes(block))
     f.flush()
-    if v["size"] or v["prealloc"] != "off":
+    if v["size"] and v["prealloc"] == "off" and not v["data_file"] and width == 16:
+        _grow_l1(f, v, block)
+    elif v["size"] or v["prealloc"] != "off":
         _grow(filename, v["size"], v["prealloc"])
     if v["luks"] is not None:
         _set_up_luks(filename, v["luks"])
@@ -270,6 +274,26 @@ def _set_up_luks(filename: str, opts: Any) -> None:
         if d is not None:
             datafile.close_data_file(d)
         f.close()
+
+
+def _grow_l1(f: "Any", v: dict[str, Any], block: bytearray) -> None:
+    """The image's size without preallocation: what qcow2_co_truncate does
+    to the new image (an empty L1 table in the clusters after the refcount
+    block, referenced in it), written straight from here, as _grow's driver
+    writes it, without loading the image's metadata (and numpy with it)."""
+    from qimg.formats.qcow2.driver import size_to_l1
+
+    cs = 1 << v["cluster_bits"]
+    l1_size = size_to_l1(v["size"], v["cluster_bits"], v["extl2"])
+    n = -(-l1_size * 8 // cs)
+    if 3 + n > cs // 2:  # the refcount block counts 16-bit refcounts
+        _grow(f.filename, v["size"], v["prealloc"])
+        return
+    block[6:6 + 2 * n] = b"\x00\x01" * n
+    f.pwrite(2 * cs, block)
+    f.pwrite(3 * cs, bytes(l1_size * 8))
+    f.pwrite(36, struct.pack(">IQ", l1_size, 3 * cs))
+    f.pwrite(24, struct.pack(">Q", v["size"]))
 
 
 def _grow(filename: str, size: int, prealloc: str) -> None:

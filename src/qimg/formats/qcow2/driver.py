@@ -32,7 +32,9 @@ from qimg.formats.qcow2.amend import AMEND_OPTS
 from qimg.formats.qcow2.create import CREATE_OPTS
 
 if TYPE_CHECKING:
+    from qimg.formats.qcow2.bitmap import BitmapStore
     from qimg.formats.qcow2.cluster import ClusterMap
+    from qimg.formats.qcow2.fill import Fill
     from qimg.formats.qcow2.refcount import Refcounts
     from qimg.formats.qcow2.snapshot import QCowSnapshot
     from qimg.protocols.file import File
@@ -105,6 +107,8 @@ class Qcow2Driver(Driver):
         #: qcow2_signal_corruption has spoken (it speaks once)
         self._corruption_signaled = False
         self._refs: "Refcounts | None" = None
+        #: a new image being filled front to back (fill.py), else None
+        self._fill: "Fill | None" = None
         self._modified = False
         self._set_dirty = False
         self._free_byte_offset = 0
@@ -286,11 +290,14 @@ class Qcow2Driver(Driver):
 
     # ---- persistent dirty bitmaps (bitmap.py) -------------------------------------
     def _open_bitmaps(self, validated: bool = False) -> None:
-        from qimg.formats.qcow2 import bitmap
-
-        if not validated:
-            bitmap.validate_ext(self.header)
         h = self.header
+        bitmap = None
+        if h.bitmaps_ext is not None:
+            # (an image without bitmaps opens without the module)
+            from qimg.formats.qcow2 import bitmap
+
+            if not validated:
+                bitmap.validate_ext(h)
         update_header = False
         if not self.read_only:
             # a read-write open drops what it ignores: unknown autoclear
@@ -301,11 +308,10 @@ class Qcow2Driver(Driver):
             if h.autoclear_features & ~(H.AUTOCLEAR_BITMAPS | H.AUTOCLEAR_DATA_FILE_RAW):
                 h.autoclear_features &= H.AUTOCLEAR_BITMAPS | H.AUTOCLEAR_DATA_FILE_RAW
                 update_header = True
-        self._bitmaps: "bitmap.BitmapStore | None" = None
         # QEMU checks the bitmaps on every open, loads them on a read-write
         # open and flags them in use before any write; read-only users load
         # them on demand.
-        self._bitmaps = bitmap.open_store(self)
+        self._bitmaps: "BitmapStore | None" = bitmap.open_store(self) if bitmap is not None else None
         store = self._bitmaps
         # flagging bitmaps in use has rewritten the header already
         # (qcow2_load_autoloading_dirty_bitmaps returns true)
@@ -390,6 +396,7 @@ class Qcow2Driver(Driver):
         images only block_status handles."""
         from qimg.formats.qcow2 import scan
 
+        self.end_fill()
         if not scan.scannable(self):
             return None
         return scan.block_status_runs(self, offset, length)
@@ -402,8 +409,24 @@ class Qcow2Driver(Driver):
         return persistent_bitmaps_size(self.header, self.file, self.size, cluster_size)
 
     # ---- metadata access ---------------------------------------------------------
+    def begin_fill(self) -> bool:
+        """Writes in guest order into this new image follow (a convert's):
+        make them without loading the cluster map (fill.py) until
+        ``end_fill`` or anything else that needs the metadata."""
+        from qimg.formats.qcow2.fill import Fill
+
+        if self._fill is None:
+            self._fill = Fill.start(self)
+        return self._fill is not None
+
+    def end_fill(self) -> None:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill.end()
+
     @property
     def map(self) -> "ClusterMap":
+        self.end_fill()
         if self._map is None:
             if self.encrypted and self.cipher is None:
                 raise QimgError("Parameter 'encrypt.key-secret' is required for cipher")
@@ -418,6 +441,7 @@ class Qcow2Driver(Driver):
 
     @property
     def refs(self) -> "Refcounts":
+        self.end_fill()
         if self._refs is None:
             from qimg.formats.qcow2.refcount import Refcounts
 
@@ -433,6 +457,7 @@ class Qcow2Driver(Driver):
 
     def drop_caches(self) -> None:
         """Forget cached metadata (the checker rewrote it in the file)."""
+        self.end_fill()
         self._map = None
         self._refs = None
         self._zcache = None
@@ -569,11 +594,14 @@ class Qcow2Driver(Driver):
         self.header.incompatible_features = value
 
     def write(self, offset: int, data: bytes) -> None:
-        from qimg.formats.qcow2 import io
-
         self._writable()
         self._mark_dirty(offset, len(data))
-        io.write(self, offset, memoryview(data).cast("B"))
+        view = memoryview(data).cast("B")
+        if self._fill is not None and self._fill.write(offset, view):
+            return
+        from qimg.formats.qcow2 import io
+
+        io.write(self, offset, view)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         from qimg.formats.qcow2 import io
@@ -633,6 +661,7 @@ class Qcow2Driver(Driver):
 
     def flush_metadata(self) -> None:
         """Write cached refcounts, L2 tables and L1 entries, in that order."""
+        self.end_fill()
         if self._refs is not None:
             self._refs.flush()
         if self._map is not None:
@@ -668,6 +697,8 @@ class Qcow2Driver(Driver):
     @property
     def snapshots(self) -> "list[QCowSnapshot]":
         """The snapshot table, read on first use (qcow2_read_snapshots)."""
+        if self._snapshots is None and not self.header.nb_snapshots:
+            self._snapshots, self._snapshots_size = [], 0
         if self._snapshots is None:
             from qimg.formats.qcow2.snapshot import read_table
 

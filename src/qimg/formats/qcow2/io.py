@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import struct
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 # numpy loads OpenBLAS, which starts a thread per core at import; we never
 # use BLAS, and under load those threads cost more CPU than our copy does.
@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from qimg.errors import QimgError, UnsupportedError
 from qimg.protocols.file import keep_freed_buffers
 from qimg.formats.qcow2 import compress as Z
+from qimg.formats.qcow2.deferred import drain as _drain, pwrite_data
 from qimg.formats.qcow2.cluster import (
     ALL_ALLOC, ALL_ZEROES, COMPRESSED, INVALID, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, UNALLOCATED, UNALLOCATED_ALLOC, ZERO_ALLOC, ZERO_PLAIN,
@@ -33,33 +34,12 @@ if TYPE_CHECKING:
 _U64 = np.uint64
 
 
-# ---- deferred data writes ----------------------------------------------------
-def defer_data_writes(d: "Qcow2Driver", pwrite: "Callable[[int, object], None] | None",
-                      drain: "Callable[[], None] | None" = None) -> None:
-    """Hand the guest-data pwrites of ``write`` to ``pwrite(host, buffer)``
-    (a copy engine's writer thread, which must keep their order) while this
-    thread goes on with the next request's metadata; ``drain()`` must
-    return only once every handed-over write is in the file, and is called
-    before anything here reads data clusters back or changes the file
-    otherwise.  ``pwrite=None`` restores direct writes."""
-    d._deferred = None if pwrite is None else (pwrite, drain)
-
-
+# ---- data writes ----------------------------------------------------------------
 def _data_pwrite(d: "Qcow2Driver", host: int, buf, guest: int) -> None:
     """Guest bytes at guest offset ``guest`` into data clusters at ``host``."""
     if d.cipher is not None:
         host, buf = _encrypted(d, host, buf, guest)
-    deferred = getattr(d, "_deferred", None)
-    if deferred is None:
-        d.data_file.pwrite(host, buf)
-    else:
-        deferred[0](host, buf)
-
-
-def _drain(d: "Qcow2Driver") -> None:
-    deferred = getattr(d, "_deferred", None)
-    if deferred is not None and deferred[1] is not None:
-        deferred[1]()
+    pwrite_data(d, host, buf)
 
 
 # ---- encryption: data clusters hold cipher text ------------------------------
