@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from qimg.ops.workers import Workers
 from typing import Callable, Iterator
 
 from qimg.block.image import Image, open_image
@@ -17,6 +16,7 @@ from qimg.errors import QimgError
 from qimg.ops.bulk import BulkRuns
 from qimg.ops.copy import SECTOR, block_status_above, direct_host, read_error
 from qimg.ops.progress import FloatAccumulator
+from qimg.ops.workers import Workers
 from qimg.record import dataclass
 
 #: qemu-img's IO_BUF_SIZE: the most compared at once

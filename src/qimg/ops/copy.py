@@ -19,13 +19,13 @@ import os
 import sys
 import threading
 from collections import deque
-from qimg.ops.workers import Task, Workers
 from typing import Callable, Iterator
 
 from qimg.block.image import Image
 from qimg.block.status import ALLOCATED, COMPRESSED, DATA, EOF, OFFSET_VALID, RECURSE, ZERO, Extent
 from qimg.errors import QimgError
 from qimg.ops.bulk import BulkRuns
+from qimg.ops.workers import Task, Workers
 from qimg.ops.zeroes import ZeroScan, classify, is_zero
 from qimg.protocols.file import keep_freed_buffers
 from qimg.record import dataclass, field

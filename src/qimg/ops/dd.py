@@ -263,7 +263,6 @@ def _copy(src: Image, dst: Image, start: int, end: int, bs: int) -> None:
     written; a failed read is retried block by block so that the output
     gets every block before the bad one, as qemu-img's loop does."""
     from qimg.ops.workers import Task, Workers
-
     from qimg.protocols.file import keep_freed_buffers
 
     if bs <= CHUNK:

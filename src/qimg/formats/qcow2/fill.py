@@ -33,6 +33,9 @@ REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 #: 16-bit refcounts, the default: the only width filled here
 REFCOUNT_ORDER = 4
 _ONE = b"\x00\x01"
+#: a new image's L1 table is this small up to a few hundred TiB of 64 KiB
+#: clusters; a bigger one is not worth reading to find it empty
+MAX_L1_BYTES = 1 << 20
 
 
 class Fill:
@@ -66,10 +69,14 @@ class Fill:
         first = int.from_bytes(reftable[:8], "big")
         if reftable[8:] != bytes(len(reftable) - 8) or not first or first & ~REFT_OFFSET_MASK or first & (cs - 1):
             return None
+        if 8 * h.l1_size > MAX_L1_BYTES:
+            return None
         l1 = d.file.pread(h.l1_table_offset, 8 * h.l1_size)
         if len(l1) != 8 * h.l1_size or l1 != bytes(len(l1)):
             return None
         used = -(-d.file.size // cs)
+        if 2 * used > cs:
+            return None
         refblock = bytearray(d.file.pread(first, cs))
         if len(refblock) != cs or refblock[:2 * used] != _ONE * used or refblock[2 * used:] != bytes(cs - 2 * used):
             return None
