@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from qimg.block.image import Image
     from qimg.protocols.file import File
 
+#: the most zeroes the fallback write_zeroes writes at once
+ZERO_CHUNK = 4 << 20
+
 
 class Driver:
     #: the name ``-f``/``-O`` use and ``info`` prints as "file format"
@@ -134,8 +137,15 @@ class Driver:
         raise UnsupportedError("Image is read-only")
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        """Make the range read as zeroes (a format may keep it sparse)."""
-        self.write(offset, bytes(length))
+        """Make the range read as zeroes (a format may keep it sparse).
+        Here, for a format without zero blocks, as QEMU's fallback does:
+        zeroes written (allocating), a bounded buffer at a time."""
+        zero = bytes(min(length, ZERO_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(len(zero), end - offset)
+            self.write(offset, zero if n == len(zero) else zero[:n])
+            offset += n
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         """Write one whole cluster compressed (``convert -c``)."""

@@ -23,6 +23,9 @@ FORMATS: dict[str, str] = {
     "qcow": "qimg.formats.qcow:QcowDriver",
     "qed": "qimg.formats.qed:QedDriver",
     "luks": "qimg.formats.luks:LuksDriver",
+    "bochs": "qimg.formats.bochs:BochsDriver",
+    "cloop": "qimg.formats.cloop:CloopDriver",
+    "vpc": "qimg.formats.vpc:VpcDriver",
 }
 
 

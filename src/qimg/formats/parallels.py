@@ -31,8 +31,6 @@ from qimg.errors import QimgError
 if TYPE_CHECKING:
     import numpy as np
 
-#: write_zeroes writes at most this much at once
-ZERO_CHUNK = 4 << 20
 SECTOR = 512
 HEADER_MAGIC = b"WithoutFreeSpace"
 HEADER_MAGIC2 = b"WithouFreSpacExt"
@@ -336,16 +334,6 @@ class ParallelsDriver(Driver):
                 host = self._allocate(offset + pos, run)
             self.file.pwrite(host, view[pos:pos + run])
             pos += run
-
-    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        # The format has no zero blocks: like QEMU's fallback, write zeroes
-        # (allocating), a bounded buffer at a time.
-        zero = bytes(min(length, ZERO_CHUNK))
-        end = offset + length
-        while offset < end:
-            n = min(len(zero), end - offset)
-            self.write(offset, zero if n == len(zero) else zero[:n])
-            offset += n
 
     def _allocate(self, offset: int, length: int) -> int:
         """Append the clusters of an unallocated run at data_end, zeroed;

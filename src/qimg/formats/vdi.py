@@ -28,8 +28,6 @@ from qimg.errors import QimgError, UnsupportedError
 if TYPE_CHECKING:
     import numpy as np
 
-#: write_zeroes writes at most this much at once
-ZERO_CHUNK = 4 << 20
 SECTOR_SIZE = 512
 DEFAULT_CLUSTER_SIZE = 1 << 20
 VDI_SIGNATURE = 0xBEDA107F
@@ -285,16 +283,6 @@ class VdiDriver(Driver):
             per = SECTOR_SIZE // 4
             lo, hi = first_new // per * per, (last_new // per + 1) * per
             self.file.pwrite(self.offset_bmap + lo * 4, self._entries(lo, hi - lo).astype("<u4").tobytes())
-
-    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        # The format has no zero blocks: like QEMU's fallback, write zeroes
-        # (allocating), a bounded buffer at a time.
-        zero = bytes(min(length, ZERO_CHUNK))
-        end = offset + length
-        while offset < end:
-            n = min(len(zero), end - offset)
-            self.write(offset, zero if n == len(zero) else zero[:n])
-            offset += n
 
     # ---- description, check ----------------------------------------------------------
     def check(self, repair: str | None = None) -> CheckResult:
