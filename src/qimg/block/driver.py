@@ -164,6 +164,11 @@ class Driver:
         """Write back caches and mark clean; the Image closes the file."""
 
     # ---- description -----------------------------------------------------
+    def allocated_file_size(self) -> int:
+        """Bytes the image takes on disk (``info``'s disk size): its file's,
+        unless the format keeps data in files of its own too."""
+        return self.file.allocated_size()
+
     def info_specific(self) -> dict[str, Any] | None:
         """The "format-specific" part of ``info``, as qemu-img's JSON has it
         ({"type": ..., "data": {...}}), or None."""

@@ -26,6 +26,7 @@ FORMATS: dict[str, str] = {
     "bochs": "qimg.formats.bochs:BochsDriver",
     "cloop": "qimg.formats.cloop:CloopDriver",
     "vpc": "qimg.formats.vpc:VpcDriver",
+    "vmdk": "qimg.formats.vmdk:VmdkDriver",
 }
 
 

@@ -224,7 +224,7 @@ def image_info(img: Any) -> dict[str, Any]:
     if drv.supports_get_info:
         info["dirty-flag"] = bool(drv.dirty_flag())
     try:
-        info["actual-size"] = img.file.allocated_size()
+        info["actual-size"] = drv.allocated_file_size()
     except OSError:
         pass
     info["virtual-size"] = img.size
