@@ -148,6 +148,24 @@ def test_writes_refused(images):
     assert not (d / "new.cloop").exists()
 
 
+def test_write_open_refused_before_the_lock(images):
+    """A read-write open is refused as the format's, even while another
+    process holds the image: QEMU's cloop refuses before any lock."""
+    d, raw, img, _ = images["rand"]
+    holder = subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-r", "-f", "cloop", "-c", "length",
+                               "-c", "sleep 600000", str(img)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline()  # 'length' answered: the image is open and locked
+        for cmd in (["convert", "-n", "-O", "cloop", raw.name, img.name], ["check", "-r", "all", img.name]):
+            p = assert_same(cmd, str(d))
+            assert p.returncode == 1 and b"Image is read-only" in p.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_info_does_not_import_numpy(images):
     d, _, img, _ = images["rand"]
     p = subprocess.run([sys.executable, "-X", "importtime", "-m", "qimg", "info", str(img)],

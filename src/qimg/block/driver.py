@@ -36,6 +36,9 @@ class Driver:
     supports_backing: ClassVar[bool] = False
     supports_create: ClassVar[bool] = True
     supports_write: ClassVar[bool] = True
+    #: a read-only format whose QEMU driver refuses a read-write open itself
+    #: (bdrv_apply_auto_read_only): "Image is read-only", before any lock
+    refuses_write_open: ClassVar[bool] = False
     supports_resize: ClassVar[bool] = False
     supports_compression: ClassVar[bool] = False
     supports_check: ClassVar[bool] = False

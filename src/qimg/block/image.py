@@ -322,6 +322,8 @@ def open_image(
         if fmt is None:
             fmt = probe_format(file.pread(0, PROBE_BYTES), filename)
         drv_cls = get_driver(fmt)
+        if drv_cls.refuses_write_open and (not read_only or (options and options.get("check-repair"))):
+            raise QimgError("Image is read-only")
         if not read_only and not drv_cls.supports_write:
             raise QimgError(f"Could not open '{filename}': Driver '{fmt}' does not support write access")
         # the format decides the locks, and they are held before it reads;

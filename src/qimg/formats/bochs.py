@@ -87,9 +87,10 @@ class BochsDriver(Driver):
     format_name = "bochs"
     supports_create = False
     # QEMU's bochs opens read-write only to refuse it with "Image is
-    # read-only" (bdrv_apply_auto_read_only): do_open says so, not the
-    # generic "does not support write access"
+    # read-only" (bdrv_apply_auto_read_only), not the generic "does not
+    # support write access": open_image says so, before any lock
     supports_write = True
+    refuses_write_open = True
     supports_get_info = False
 
     @classmethod
@@ -100,9 +101,6 @@ class BochsDriver(Driver):
 
     # ---- open ------------------------------------------------------------------
     def do_open(self, options: dict[str, Any]) -> None:
-        if not self.read_only or options.get("check-repair"):
-            # before the header is read, as bochs_open does
-            raise QimgError("Image is read-only")
         buf = self.file.pread(0, HEADER_SIZE)
         if not _is_bochs(buf):
             raise QimgError("Image not in Bochs format")

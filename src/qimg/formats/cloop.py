@@ -66,8 +66,9 @@ class CloopDriver(Driver):
     supports_create = False
     # QEMU's cloop_open refuses a read-write open itself
     # (bdrv_apply_auto_read_only: "Image is read-only"), and so does
-    # do_open here; write() keeps the Driver's refusal
+    # open_image, before any lock; write() keeps the Driver's refusal
     supports_write = True
+    refuses_write_open = True
     supports_get_info = False
 
     # ---- probing -------------------------------------------------------------------
@@ -79,9 +80,6 @@ class CloopDriver(Driver):
 
     # ---- open ------------------------------------------------------------------------
     def do_open(self, options: dict[str, Any]) -> None:
-        if not self.read_only or options.get("check-repair"):
-            # before anything is read, as in QEMU
-            raise QimgError("Image is read-only")
         block_size, n_blocks = struct.unpack(">II", self.file.pread(HEADER_OFFSET, 8))
         if block_size % SECTOR:
             raise QimgError(f"block_size {block_size} must be a multiple of 512")
